@@ -1,0 +1,23 @@
+# medseg on a CUDA-capable PyTorch base. Build: docker build -t medseg .
+# Run:  docker run --gpus all -v /path/to/data:/data -v /path/to/outputs:/outputs medseg \
+#         train data=msd data.root=/data/Task04_Hippocampus
+FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1
+RUN useradd --create-home --uid 1000 medseg
+WORKDIR /opt/medseg
+COPY --chown=medseg:medseg pyproject.toml README.md ./
+COPY --chown=medseg:medseg src ./src
+COPY --chown=medseg:medseg configs ./configs
+COPY --chown=medseg:medseg scripts ./scripts
+COPY --chown=medseg:medseg data_manifests ./data_manifests
+# the same install step as README.md (torch comes with the base image, CUDA build)
+RUN pip install -e .
+
+USER medseg
+VOLUME ["/data", "/outputs"]
+WORKDIR /outputs
+# paths.output and paths.preprocessed default to ./outputs: with WORKDIR /outputs they land on the volume
+ENTRYPOINT ["/opt/medseg/scripts/docker-entrypoint.sh"]
+CMD ["train", "--help"]

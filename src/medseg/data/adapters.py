@@ -1,0 +1,117 @@
+"""Dataset adapters: each turns one on-disk layout into a Manifest (cases, channels, labels)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+from medseg.data.io import IMAGE_SUFFIXES, strip_suffix
+from medseg.data.manifest import Case, Manifest
+from medseg.errors import DatasetError
+
+ADAPTERS: dict[str, Callable[..., Manifest]] = {}
+
+
+def register_adapter(name: str):
+    def wrap(fn: Callable[..., Manifest]) -> Callable[..., Manifest]:
+        ADAPTERS[name] = fn
+        return fn
+    return wrap
+
+
+def build_manifest(adapter: str, **kwargs) -> Manifest:
+    if adapter not in ADAPTERS:
+        raise DatasetError([f"unknown dataset adapter {adapter!r}; known: {sorted(ADAPTERS)}"])
+    return ADAPTERS[adapter](**kwargs)
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise DatasetError([f"{path}: file not found"])
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError([f"{path}: not valid JSON ({e})"]) from None
+
+
+def _inside(root: Path, relpath: str, where: str) -> str:
+    """Resolve a dataset-relative path, refusing one that escapes the dataset root."""
+    p = (root / relpath).resolve()
+    if not p.is_relative_to(root.resolve()):
+        raise DatasetError([f"{where}: path {relpath!r} points outside the dataset root {root}"])
+    return str(p)
+
+
+@register_adapter("msd")
+def msd(root: str, name: str | None = None, num_folds: int = 5, **_) -> Manifest:
+    """Medical Segmentation Decathlon: dataset.json with ``modality``, ``labels`` and ``training`` pairs."""
+    root_p = Path(root)
+    meta_path = root_p / "dataset.json"
+    meta = _read_json(meta_path)
+    problems = [f"{meta_path}: missing key {k!r}" for k in ("modality", "labels", "training") if k not in meta]
+    if problems:
+        raise DatasetError(problems, str(root_p))
+    channels = [meta["modality"][k] for k in sorted(meta["modality"], key=int)]
+    labels = {int(k): v for k, v in meta["labels"].items()}
+    cases = []
+    for i, pair in enumerate(meta["training"]):
+        where = f"{meta_path} training[{i}]"
+        cases.append(Case(strip_suffix(pair["image"]), [_inside(root_p, pair["image"], where)],
+                          _inside(root_p, pair["label"], where)))
+    return Manifest(name or meta.get("name", root_p.name), channels, labels, cases, num_folds, str(root_p.resolve()))
+
+
+@register_adapter("nnunet_raw")
+def nnunet_raw(root: str, name: str | None = None, num_folds: int = 5, **_) -> Manifest:
+    """nnU-Net v2 raw layout: ``imagesTr/<case>_<cccc><ending>`` per channel, ``labelsTr/<case><ending>``."""
+    root_p = Path(root)
+    meta_path = root_p / "dataset.json"
+    meta = _read_json(meta_path)
+    problems = [f"{meta_path}: missing key {k!r}" for k in ("channel_names", "labels", "file_ending") if k not in meta]
+    if problems:
+        raise DatasetError(problems, str(root_p))
+    channels = [meta["channel_names"][k] for k in sorted(meta["channel_names"], key=int)]
+    labels = {}
+    for label_name, value in meta["labels"].items():
+        if isinstance(value, (list, tuple)):
+            raise DatasetError([f"{meta_path}: region-based label {label_name!r} is not supported"], str(root_p))
+        labels[int(value)] = label_name
+    ending = meta["file_ending"]
+    label_dir = root_p / "labelsTr"
+    if not label_dir.is_dir():
+        raise DatasetError([f"{label_dir}: folder not found"], str(root_p))
+    cases = []
+    for label in sorted(label_dir.iterdir()):
+        if not label.name.endswith(ending):
+            continue
+        case_id = label.name[: -len(ending)]
+        images = [str((root_p / "imagesTr" / f"{case_id}_{c:04d}{ending}").resolve()) for c in range(len(channels))]
+        cases.append(Case(case_id, images, str(label.resolve())))
+    if not cases:
+        raise DatasetError([f"{label_dir}: no label files ending in {ending!r}"], str(root_p))
+    return Manifest(name or root_p.name, channels, labels, cases, num_folds, str(root_p.resolve()))
+
+
+@register_adapter("manifest")
+def manifest_file(path: str, root: str, num_folds: int = 5, name: str | None = None, **_) -> Manifest:
+    """A manifest JSON (data_manifests/); case paths are relative to ``root`` and may not leave it."""
+    path_p = Path(path)
+    d = _read_json(path_p)
+    root_p = Path(root)
+    for c in d.get("cases", []):
+        c["images"] = [_inside(root_p, p, f"{path_p} case {c.get('case_id')}") for p in c["images"]]
+        if c.get("label") is not None:
+            c["label"] = _inside(root_p, c["label"], f"{path_p} case {c.get('case_id')}")
+    d.setdefault("num_folds", num_folds)
+    m = Manifest.from_dict(d, root=str(root_p.resolve()))
+    if name:
+        m.name = name
+    return m
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files of a folder, sorted; used by prediction."""
+    folder = Path(folder)
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES)
+                  and not p.name.startswith("."))

@@ -1,0 +1,155 @@
+"""Reading and writing volumes with their geometry.
+
+NIfTI goes through nibabel (keeps the exact affine and header); NRRD/MHA/other ITK formats through SimpleITK.
+Arrays are always channel-first in voxel-index order (x, y, z): nibabel's order, and SimpleITK's arrays
+transposed, so that axis k has spacing ``spacing[k]`` in both cases.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+IMAGE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
+
+
+def image_suffix(path: str | Path) -> str:
+    name = str(path).lower()
+    for suffix in IMAGE_SUFFIXES:
+        if name.endswith(suffix):
+            return suffix
+    return ""
+
+
+def strip_suffix(path: str | Path) -> str:
+    name = Path(path).name
+    suffix = image_suffix(name)
+    return name[: len(name) - len(suffix)] if suffix else name
+
+
+@dataclass
+class Geometry:
+    """Where a volume's voxels lie in the world, enough to write a result back on the same grid."""
+
+    shape: tuple[int, ...]  # spatial shape, voxel-index order
+    spacing: tuple[float, ...]
+    affine: np.ndarray  # 4x4 voxel -> world (RAS for NIfTI, LPS for ITK formats)
+    kind: str  # "nifti" or "itk"
+    header: object | None = field(default=None, repr=False)  # nibabel header, reused on write
+    direction: tuple[float, ...] | None = None  # ITK direction cosines
+    origin: tuple[float, ...] | None = None  # ITK origin
+
+    def same_grid(self, other: "Geometry", atol: float = 1e-4) -> bool:
+        return self.shape == other.shape and np.allclose(self.affine, other.affine, atol=atol)
+
+
+def _spacing_from_affine(affine: np.ndarray) -> tuple[float, ...]:
+    return tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
+
+
+def read_volume(path: str | Path) -> tuple[np.ndarray, Geometry]:
+    """Return (data, geometry); data is (x, y, z) or (x, y, z, c) as stored, not yet cast."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    if image_suffix(path) in NIFTI_SUFFIXES:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+        affine = np.asarray(img.affine, dtype=np.float64)
+        spatial = tuple(int(s) for s in data.shape[: min(3, data.ndim)])
+        geo = Geometry(spatial, _spacing_from_affine(affine), affine, "nifti", header=img.header.copy())
+        return data, geo
+    img = sitk.ReadImage(str(path))
+    arr = sitk.GetArrayFromImage(img)  # (z, y, x) or (z, y, x, c)
+    ndim = img.GetDimension()
+    data = np.transpose(arr, tuple(range(ndim))[::-1] + tuple(range(ndim, arr.ndim)))
+    spacing = tuple(float(s) for s in img.GetSpacing())
+    direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(ndim, ndim)
+    origin = np.asarray(img.GetOrigin(), dtype=np.float64)
+    affine = np.eye(ndim + 1)
+    affine[:ndim, :ndim] = direction * np.asarray(spacing)[None, :]
+    affine[:ndim, ndim] = origin
+    geo = Geometry(tuple(int(s) for s in data.shape[:ndim]), spacing, affine, "itk",
+                   direction=tuple(img.GetDirection()), origin=tuple(img.GetOrigin()))
+    return data, geo
+
+
+def read_image(paths: list[str | Path]) -> tuple[np.ndarray, Geometry]:
+    """Read one case's image channels (one file per channel, or one 4D file) as float32 (c, x, y, z)."""
+    channels: list[np.ndarray] = []
+    geometry: Geometry | None = None
+    for p in paths:
+        data, geo = read_volume(p)
+        if data.ndim in (2, 3):
+            data = data[None]
+        elif data.ndim == 4:
+            data = np.moveaxis(data, -1, 0)
+        else:
+            raise ValueError(f"{p}: expected a 2D/3D volume or a 4D multi-channel volume, got shape {data.shape}")
+        if geometry is None:
+            geometry = geo
+        elif not geometry.same_grid(geo):
+            raise ValueError(f"{p}: channel grid {geo.shape} / affine differs from the first channel {paths[0]}")
+        channels.append(np.asarray(data, dtype=np.float32))
+    assert geometry is not None, "read_image needs at least one path"
+    return np.concatenate(channels, axis=0), geometry
+
+
+def read_label(path: str | Path) -> tuple[np.ndarray, Geometry]:
+    """Read a label map as int16 (x, y, z); some datasets store labels as float, values must still be integers."""
+    data, geo = read_volume(path)
+    data = np.asarray(data)
+    if data.ndim == 4 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise ValueError(f"{path}: a label map must be 3D, got shape {data.shape}")
+    if not np.issubdtype(data.dtype, np.integer):
+        if not np.all(np.isfinite(data)):
+            raise ValueError(f"{path}: label map contains NaN or Inf")
+        rounded = np.rint(data)
+        if not np.array_equal(rounded, data):
+            raise ValueError(f"{path}: label map holds non-integer values")
+        data = rounded
+    return data.astype(np.int16), geo
+
+
+def write_label(label: np.ndarray, geometry: Geometry, path: str | Path) -> None:
+    """Write a label map on ``geometry``'s grid, in the format the path's suffix names; atomic (temp + rename)."""
+    path = Path(path)
+    if tuple(label.shape) != tuple(geometry.shape):
+        raise ValueError(f"{path}: label shape {label.shape} does not match the target grid {geometry.shape}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = image_suffix(path)
+    tmp = path.with_name(f".{path.name}.tmp{suffix}")
+    label = np.asarray(label, dtype=np.uint8 if label.max(initial=0) < 256 else np.int16)
+    if suffix in NIFTI_SUFFIXES:
+        header = geometry.header.copy() if geometry.header is not None and geometry.kind == "nifti" else None
+        img = nib.Nifti1Image(label, geometry.affine, header=header)
+        img.set_data_dtype(label.dtype)
+        # keep the input's qform/sform codes and matrices: geometry is copied, not re-derived
+        if header is not None:
+            img.set_qform(header.get_qform(), code=int(header["qform_code"]))
+            img.set_sform(header.get_sform(), code=int(header["sform_code"]))
+        img.header["scl_slope"] = 1
+        img.header["scl_inter"] = 0
+        nib.save(img, str(tmp))
+    else:
+        img = sitk.GetImageFromArray(np.transpose(label))
+        ndim = label.ndim
+        img.SetSpacing(tuple(float(s) for s in geometry.spacing))
+        if geometry.direction is not None and geometry.origin is not None:
+            img.SetDirection(geometry.direction)
+            img.SetOrigin(geometry.origin)
+        else:  # NIfTI geometry into an ITK file: RAS -> LPS
+            flip = np.diag([-1.0, -1.0] + [1.0] * (ndim - 2))
+            direction = flip @ (geometry.affine[:ndim, :ndim] / np.asarray(geometry.spacing)[None, :])
+            img.SetDirection(tuple(direction.ravel()))
+            img.SetOrigin(tuple(flip @ geometry.affine[:ndim, ndim]))
+        sitk.WriteImage(img, str(tmp), useCompression=True)
+    tmp.replace(path)

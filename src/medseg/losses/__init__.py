@@ -1,0 +1,3 @@
+from medseg.losses.registry import create_loss, list_losses
+
+__all__ = ["create_loss", "list_losses"]

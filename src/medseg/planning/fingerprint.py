@@ -1,0 +1,187 @@
+"""Dataset fingerprint (spacings, shapes, foreground intensities), computed in the same pass that
+validates every case, so that bad data is reported before any planning or training."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from medseg.data.io import read_image, read_label
+from medseg.data.manifest import Case, Manifest
+from medseg.errors import DatasetError
+from medseg.preprocessing.crop import crop_to_nonzero
+
+FOREGROUND_SAMPLES_TOTAL = 10**8  # foreground voxels sampled over the whole dataset (nnU-Net's figure)
+FINGERPRINT_VERSION = 1
+
+
+@dataclass
+class CaseFingerprint:
+    case_id: str
+    spacing: list[float]
+    shape_before_crop: list[int]
+    shape_after_crop: list[int]
+    relative_size_after_crop: float
+
+
+@dataclass
+class ChannelIntensity:
+    mean: float
+    std: float
+    min: float
+    max: float
+    median: float
+    percentile_00_5: float
+    percentile_99_5: float
+
+
+@dataclass
+class DatasetFingerprint:
+    dataset: str
+    source_key: str
+    cases: list[CaseFingerprint]
+    intensity: list[ChannelIntensity]
+    version: int = FINGERPRINT_VERSION
+
+    @property
+    def spacings(self) -> np.ndarray:
+        return np.array([c.spacing for c in self.cases], dtype=np.float64)
+
+    @property
+    def shapes_after_crop(self) -> np.ndarray:
+        return np.array([c.shape_after_crop for c in self.cases], dtype=np.float64)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DatasetFingerprint":
+        return cls(d["dataset"], d["source_key"], [CaseFingerprint(**c) for c in d["cases"]],
+                   [ChannelIntensity(**c) for c in d["intensity"]], d.get("version", FINGERPRINT_VERSION))
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "DatasetFingerprint":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def source_key(manifest: Manifest) -> str:
+    """Changes when any input file of the dataset (path, size, modification time) or the label set changes."""
+    h = hashlib.sha1()
+    h.update(json.dumps([manifest.channel_names, sorted(manifest.labels.items())]).encode())
+    for case in sorted(manifest.cases, key=lambda c: c.case_id):
+        for p in case.images + ([case.label] if case.label else []):
+            try:
+                st = os.stat(p)
+                h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode())
+            except OSError:
+                h.update(f"{p}|missing".encode())
+    return h.hexdigest()
+
+
+def _with_path(error: Exception, path: str) -> str:
+    msg = str(error) or type(error).__name__
+    return msg if path in msg else f"{path}: {msg}"
+
+
+def inspect_case(case: Case, num_channels: int, labels: list[int], samples_per_case: int, seed: int = 1234):
+    """Validate one case and fingerprint it. Returns (problems, fingerprint or None, fg samples or None)."""
+    problems: list[str] = []
+    where = case.images[0]
+    try:
+        image, geo = read_image(case.images)
+    except Exception as e:  # noqa: BLE001 - any reader failure is a problem with that file
+        return [f"case {case.case_id}: cannot read image: {_with_path(e, where)}"], None, None
+    if len(geo.shape) != 3:
+        return [f"{where}: {len(geo.shape)}D image in a 3D dataset (shape {geo.shape})"], None, None
+    if case.label is None:
+        return [f"case {case.case_id}: no label file"], None, None
+    try:
+        label, lgeo = read_label(case.label)
+    except Exception as e:  # noqa: BLE001
+        return [f"case {case.case_id}: cannot read label: {_with_path(e, case.label)}"], None, None
+    if image.shape[0] != num_channels:
+        problems.append(f"{where}: {image.shape[0]} channel(s), the dataset declares {num_channels}")
+    if label.shape != image.shape[1:]:
+        problems.append(f"{case.label}: label shape {label.shape} differs from image shape {image.shape[1:]}")
+    elif not np.allclose(geo.affine, lgeo.affine, atol=1e-3, rtol=1e-4):
+        problems.append(f"{case.label}: label affine differs from the image's ({where})")
+    if not np.all(np.isfinite(image)):
+        problems.append(f"{where}: image contains NaN or Inf values")
+    elif image.size and image.min() == image.max():
+        problems.append(f"{where}: image is constant (all voxels {image.min():g})")
+    undeclared = sorted(set(np.unique(label).tolist()) - set(labels))
+    if undeclared:
+        problems.append(f"{case.label}: label values {undeclared} are not declared (declared: {labels})")
+    if problems:
+        return problems, None, None
+    cropped, cropped_label, _, _ = crop_to_nonzero(image, label)
+    fg = cropped_label > 0
+    rng = np.random.default_rng(seed)
+    samples = []
+    for c in range(cropped.shape[0]):
+        vals = cropped[c][fg]
+        if vals.size > samples_per_case:
+            vals = rng.choice(vals, samples_per_case, replace=False)
+        samples.append(vals.astype(np.float32))
+    fp = CaseFingerprint(case.case_id, [float(s) for s in geo.spacing], list(image.shape[1:]),
+                         list(cropped.shape[1:]), float(np.prod(cropped.shape[1:]) / np.prod(image.shape[1:])))
+    return [], fp, samples
+
+
+def _inspect(args):
+    return inspect_case(*args)
+
+
+def _channel_stats(values: np.ndarray) -> ChannelIntensity:
+    if values.size == 0:  # no foreground anywhere: statistics are undefined, keep them neutral
+        return ChannelIntensity(0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    p = np.percentile(values, [50.0, 0.5, 99.5])
+    return ChannelIntensity(float(values.mean()), float(values.std()), float(values.min()), float(values.max()),
+                            float(p[0]), float(p[1]), float(p[2]))
+
+
+def compute_fingerprint(manifest: Manifest, num_processes: int = 2, progress: bool = True) -> DatasetFingerprint:
+    """Read every labelled case once: validate it (all problems collected) and fingerprint it."""
+    problems: list[str] = []
+    duplicates = [cid for cid, n in Counter(c.case_id for c in manifest.cases).items() if n > 1]
+    problems += [f"case id {d!r} appears more than once" for d in duplicates]
+    if not manifest.cases:
+        problems.append("the dataset has no cases")
+    if problems:
+        raise DatasetError(problems, manifest.name)
+    per_case = max(1, FOREGROUND_SAMPLES_TOTAL // len(manifest.cases))
+    labels = sorted(manifest.labels)
+    jobs = [(c, manifest.num_channels, labels, per_case) for c in manifest.cases]
+    if num_processes > 1:
+        with ProcessPoolExecutor(num_processes) as pool:
+            results = list(tqdm(pool.map(_inspect, jobs, chunksize=4), total=len(jobs), desc="fingerprint",
+                                disable=not progress))
+    else:
+        results = [_inspect(j) for j in tqdm(jobs, desc="fingerprint", disable=not progress)]
+    cases, samples = [], []
+    for case_problems, fp, s in results:
+        problems += case_problems
+        if fp is not None:
+            cases.append(fp)
+            samples.append(s)
+    if problems:
+        raise DatasetError(problems, manifest.name)
+    spatial_dims = {len(c.spacing) for c in cases}
+    intensity = [_channel_stats(np.concatenate([s[c] for s in samples])) for c in range(manifest.num_channels)]
+    assert spatial_dims == {3}, spatial_dims
+    return DatasetFingerprint(manifest.name, source_key(manifest), cases, intensity)

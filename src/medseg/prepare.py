@@ -1,0 +1,66 @@
+"""Dataset -> manifest with folds -> validated fingerprint -> plan -> preprocessed cache, each step cached.
+
+Shared by medseg-plan and medseg-train (which prepares on demand, so a first run needs one command).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from medseg.data.adapters import build_manifest
+from medseg.data.manifest import Manifest, assign_folds
+from medseg.data.synthetic import generate_synthetic_dataset
+from medseg.planning.fingerprint import DatasetFingerprint, compute_fingerprint, source_key
+from medseg.planning.plan import Plan
+from medseg.planning.planner import PlannerSettings, plan_dataset
+from medseg.preprocessing.cache import PreprocessedCache, preprocess_dataset
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedDataset:
+    manifest: Manifest
+    fingerprint: DatasetFingerprint
+    plan: Plan
+    folder: Path  # <paths.preprocessed>/<dataset>
+
+    def cache(self, configuration: str) -> PreprocessedCache:
+        return PreprocessedCache(self.folder / configuration)
+
+
+def load_manifest(data_cfg: DictConfig, folder: Path) -> Manifest:
+    """Build the manifest with the configured adapter; folds are fixed once, in <folder>/manifest.json."""
+    data = OmegaConf.to_container(data_cfg, resolve=True)
+    if "synthetic" in data:
+        generate_synthetic_dataset(data["root"], **data["synthetic"])
+    manifest = build_manifest(data.pop("adapter"), **{k: v for k, v in data.items() if k != "synthetic"})
+    saved = folder / "manifest.json"
+    previous = Manifest.load(saved) if saved.is_file() else None
+    assign_folds(manifest, int(data.get("fold_seed", 12345)), previous)
+    manifest.save(saved)
+    return manifest
+
+
+def prepare(cfg: DictConfig, configurations: list[str] | None = None, progress: bool = True) -> PreparedDataset:
+    folder = Path(cfg.paths.preprocessed) / str(cfg.data.name)
+    manifest = load_manifest(cfg.data, folder)
+    num_processes = int(cfg.get("num_processes", 2))
+
+    fp_path = folder / "fingerprint.json"
+    fingerprint = DatasetFingerprint.load(fp_path) if fp_path.is_file() else None
+    if fingerprint is None or fingerprint.source_key != source_key(manifest):
+        log.info("fingerprinting and validating %d cases of %s", len(manifest.cases), manifest.name)
+        fingerprint = compute_fingerprint(manifest, num_processes, progress)
+        fingerprint.save(fp_path)
+
+    settings = PlannerSettings.from_config(cfg.planner)
+    plan = plan_dataset(fingerprint, manifest.channel_names, manifest.labels, settings)
+    plan.save(folder / "plans.json")
+    for name in configurations or []:
+        preprocess_dataset(manifest, plan, plan.configuration(name), folder / name, num_processes, progress)
+    return PreparedDataset(manifest, fingerprint, plan, folder)

@@ -1,0 +1,113 @@
+"""The preprocessed-case cache: one folder per configuration, four files per case.
+
+A case is valid only when its JSON (written last, atomically) carries the current key, built from the
+case's input files and the configuration's preprocessing settings. So a re-run is a no-op, a changed plan
+or input redoes exactly the cases it affects, and a killed run leaves nothing a later run would trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from medseg.data.io import read_image, read_label
+from medseg.data.manifest import Case, Manifest
+from medseg.planning.plan import ConfigurationPlan, Plan
+from medseg.preprocessing.pipeline import class_locations, preprocess_image
+
+
+def case_key(case: Case, config_key: str) -> str:
+    h = hashlib.sha1(config_key.encode())
+    for p in case.images + [case.label]:
+        st = os.stat(p)
+        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    tmp.replace(path)
+
+
+class PreprocessedCache:
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    def paths(self, case_id: str) -> dict[str, Path]:
+        f = self.folder
+        return {"image": f / f"{case_id}.npy", "label": f / f"{case_id}_seg.npy",
+                "locations": f / f"{case_id}_locs.npz", "properties": f / f"{case_id}.json"}
+
+    def is_current(self, case_id: str, key: str) -> bool:
+        p = self.paths(case_id)
+        try:
+            props = json.loads(p["properties"].read_text())
+        except (OSError, json.JSONDecodeError):
+            return False
+        return props.get("cache_key") == key and all(p[k].is_file() for k in ("image", "label", "locations"))
+
+    def write(self, case_id: str, key: str, data: np.ndarray, label: np.ndarray, locations: dict, props: dict):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        p = self.paths(case_id)
+        p["properties"].unlink(missing_ok=True)  # invalidate first: a crash below leaves no trusted entry
+        _atomic_save_npy(p["image"], data)
+        _atomic_save_npy(p["label"], label)
+        tmp = p["locations"].with_name(f".{p['locations'].name}.tmp.npz")
+        np.savez(tmp, **{str(k): v for k, v in locations.items()})
+        tmp.replace(p["locations"])
+        tmp_json = p["properties"].with_name(f".{p['properties'].name}.tmp")
+        tmp_json.write_text(json.dumps({**props, "cache_key": key}))
+        tmp_json.replace(p["properties"])
+
+    def load_properties(self, case_id: str) -> dict:
+        return json.loads(self.paths(case_id)["properties"].read_text())
+
+    def load_arrays(self, case_id: str, mmap: bool = True):
+        p = self.paths(case_id)
+        mode = "r" if mmap else None
+        data = np.load(p["image"], mmap_mode=mode)
+        label = np.load(p["label"], mmap_mode=mode)
+        with np.load(p["locations"]) as z:
+            locations = {int(k): z[k] for k in z.files}
+        return data, label, locations
+
+
+def _preprocess_one(args) -> str:
+    case, plan, config, folder, key = args
+    image, geo = read_image(case.images)
+    label, _ = read_label(case.label)
+    data, seg, props = preprocess_image(image, geo.spacing, plan, config, case.case_id, label)
+    locations = class_locations(seg, [c for c in sorted(plan.labels) if c != 0])
+    PreprocessedCache(folder).write(case.case_id, key, data, seg, locations, props.to_dict())
+    return case.case_id
+
+
+def preprocess_dataset(manifest: Manifest, plan: Plan, config: ConfigurationPlan, folder: str | Path,
+                       num_processes: int = 2, progress: bool = True) -> PreprocessedCache:
+    """Bring the cache up to date for every case; returns it. Cases already current are not touched."""
+    cache = PreprocessedCache(folder)
+    config_key = config.preprocessing_key(plan.intensity_properties)
+    jobs = []
+    for case in manifest.cases:
+        key = case_key(case, config_key)
+        if not cache.is_current(case.case_id, key):
+            jobs.append((case, plan, config, str(folder), key))
+    if not jobs:
+        return cache
+    if num_processes > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(num_processes) as pool:
+            for _ in tqdm(pool.map(_preprocess_one, jobs), total=len(jobs), desc=f"preprocess {config.name}",
+                          disable=not progress):
+                pass
+    else:
+        for job in tqdm(jobs, desc=f"preprocess {config.name}", disable=not progress):
+            _preprocess_one(job)
+    return cache

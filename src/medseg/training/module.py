@@ -1,0 +1,75 @@
+"""LightningModule: forward, loss, metrics and optimisers; nothing else."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import lightning as L
+import torch
+import torch.nn as nn
+
+from medseg.inference.sliding_window import predict_logits
+
+
+class SegmentationModule(L.LightningModule):
+    def __init__(self, model: nn.Module, loss: nn.Module, num_classes: int, patch_size,
+                 optimizer: Callable, scheduler: Callable | None = None, checkpoint_extras: dict | None = None,
+                 val_overlap: float = 0.5):
+        super().__init__()
+        self.model = model
+        self.loss = loss
+        self.num_classes = num_classes
+        self.patch_size = list(patch_size)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.checkpoint_extras = checkpoint_extras or {}
+        self.val_overlap = val_overlap
+        self._val_counts = None
+
+    def forward(self, x: torch.Tensor):
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        image, label = batch
+        loss = self.loss(self.model(image), label)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss {loss.item()} at epoch {self.current_epoch}, "
+                                     f"step {self.global_step}; the last good checkpoint is kept")
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=image.shape[0])
+        return loss
+
+    # ---- per-epoch pseudo-Dice: true/false positives/negatives summed over all validation cases --------
+    def on_validation_epoch_start(self):
+        self._val_counts = torch.zeros(3, self.num_classes - 1, dtype=torch.float64)
+
+    def validation_step(self, batch, batch_idx):
+        image, label, _ = batch
+        logits = predict_logits(self.model, image, self.patch_size, overlap=self.val_overlap)
+        pred = logits.argmax(0)
+        ref = label[0].to(pred.device)
+        for c in range(1, self.num_classes):
+            p, r = pred == c, ref == c
+            self._val_counts[0, c - 1] += (p & r).sum().item()
+            self._val_counts[1, c - 1] += (p & ~r).sum().item()
+            self._val_counts[2, c - 1] += (~p & r).sum().item()
+
+    def on_validation_epoch_end(self):
+        tp, fp, fn = self._val_counts
+        dice = (2 * tp / (2 * tp + fp + fn).clamp_min(1)).float()
+        for c, d in enumerate(dice, start=1):
+            self.log(f"val/dice_class{c}", d)
+        self.log("val/dice_mean", dice.mean(), prog_bar=True)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer),
+                                                         "interval": "epoch"}}
+
+    def on_train_epoch_end(self):
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # the plan and model recipe travel inside every checkpoint: prediction needs nothing else
+        checkpoint["medseg"] = self.checkpoint_extras

@@ -1,0 +1,34 @@
+"""End-of-fold validation: predict every held-out case from its original files, export, score."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from tqdm import tqdm
+
+from medseg.data.io import read_image, read_label, write_label
+from medseg.data.manifest import Manifest
+from medseg.evaluation.metrics import dice_per_class, summarize, write_case_csv, write_json
+from medseg.inference.predictor import Predictor
+
+log = logging.getLogger(__name__)
+
+
+def validate_fold(predictor: Predictor, manifest: Manifest, case_ids: list[str], fold_dir: Path,
+                  fold: int, progress: bool = True) -> dict:
+    """Writes fold_dir/validation/<case>.nii.gz, validation/per_case.csv and metrics.json; returns metrics."""
+    names = {c: n for c, n in manifest.labels.items() if c != 0}
+    rows = []
+    for case_id in tqdm(case_ids, desc=f"validate fold {fold}", disable=not progress):
+        case = manifest.case(case_id)
+        image, geometry = read_image(case.images)
+        reference, _ = read_label(case.label)
+        pred = predictor.predict_label(image, geometry.spacing)
+        write_label(pred, geometry, fold_dir / "validation" / f"{case_id}.nii.gz")
+        dice = dice_per_class(pred, reference, sorted(names))
+        rows.append({"case_id": case_id, "fold": fold, **{f"dice_{names[c]}": d for c, d in dice.items()}})
+    write_case_csv(rows, fold_dir / "validation" / "per_case.csv")
+    metrics = {"fold": fold, **summarize(rows, names)}
+    write_json(metrics, fold_dir / "metrics.json")
+    return metrics

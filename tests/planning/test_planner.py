@@ -1,0 +1,61 @@
+"""Plans on the real Hippocampus data equal nnU-Net v2.8.1's (DESIGN.md section 3 golden values)."""
+
+import pytest
+
+from medseg.data.adapters import build_manifest
+from medseg.errors import ConfigError
+from medseg.planning.fingerprint import compute_fingerprint
+from medseg.planning.planner import PlannerSettings, plan_dataset, topology
+
+
+@pytest.fixture(scope="module")
+def hippo_fingerprint(hippocampus):
+    manifest = build_manifest("msd", root=str(hippocampus))
+    return manifest, compute_fingerprint(manifest, num_processes=2, progress=False)
+
+
+def test_fingerprint_of_hippocampus(hippo_fingerprint):
+    _, fp = hippo_fingerprint
+    assert len(fp.cases) == 220
+    assert all(c.spacing == [1.0, 1.0, 1.0] for c in fp.cases)
+    # mixed dtypes and intensity scales are real in this data: foreground stats span them
+    assert fp.intensity[0].max > 1e5 and fp.intensity[0].min >= 0
+    assert fp.intensity[0].percentile_00_5 < fp.intensity[0].median < fp.intensity[0].percentile_99_5
+
+
+def test_hippocampus_3d_fullres_matches_nnunet(hippo_fingerprint):
+    manifest, fp = hippo_fingerprint
+    plan = plan_dataset(fp, manifest.channel_names, manifest.labels, PlannerSettings())
+    c = plan.configuration("3d_fullres")
+    assert c.spacing == [1.0, 1.0, 1.0]
+    assert c.patch_size == [40, 56, 40]
+    assert c.batch_size == 8
+    assert c.features == [32, 64, 128, 256]
+    assert c.strides == [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
+    assert c.kernel_sizes == [[3, 3, 3]] * 4
+    assert c.normalization == ["zscore"] and c.use_mask_for_norm == [False]
+    assert plan.overridden == []
+
+
+def test_overrides_are_used_and_recorded(hippo_fingerprint):
+    manifest, fp = hippo_fingerprint
+    settings = PlannerSettings(patch_size=[32, 48, 32], batch_size=3, base_features=8)
+    plan = plan_dataset(fp, manifest.channel_names, manifest.labels, settings)
+    c = plan.configuration("3d_fullres")
+    assert c.patch_size == [32, 48, 32] and c.batch_size == 3 and c.features == [8, 16, 32, 64]
+    assert plan.overridden == ["patch_size", "batch_size"]
+    with pytest.raises(ConfigError, match="not divisible"):
+        plan_dataset(fp, manifest.channel_names, manifest.labels, PlannerSettings(patch_size=[36, 48, 32]))
+
+
+def test_topology_of_anisotropic_spacing():
+    # 3 mm slices along axis 2: that axis is not pooled or convolved (kernel 1) until in-plane catches up
+    topo = topology([0.7, 0.7, 3.0], [20, 256, 256][::-1])
+    assert topo.strides[1] == [2, 2, 1]
+    assert topo.kernel_sizes[0] == [3, 3, 1]
+    assert topo.kernel_sizes[-1] == [3, 3, 3]
+    for axis in range(3):
+        total = 1
+        for s in topo.strides:
+            total *= s[axis]
+        assert topo.patch_size[axis] % total == 0
