@@ -28,6 +28,7 @@ def test_hippocampus_3d_fullres_matches_nnunet(hippo_fingerprint):
     plan = plan_dataset(fp, manifest.channel_names, manifest.labels, PlannerSettings())
     c = plan.configuration("3d_fullres")
     assert c.spacing == [1.0, 1.0, 1.0]
+    assert c.median_shape == [36, 50, 35]  # (z, y, x), as nnU-Net reports it
     assert c.patch_size == [40, 56, 40]
     assert c.batch_size == 8
     assert c.features == [32, 64, 128, 256]

@@ -1,8 +1,9 @@
 """Reading and writing volumes with their geometry.
 
 NIfTI goes through nibabel (keeps the exact affine and header); NRRD/MHA/other ITK formats through SimpleITK.
-Arrays are always channel-first in voxel-index order (x, y, z): nibabel's order, and SimpleITK's arrays
-transposed, so that axis k has spacing ``spacing[k]`` in both cases.
+Arrays are channel-first with spatial axes in SimpleITK's (z, y, x) order, the file's last voxel axis first,
+whatever the format: the order nnU-Net plans in, so that tie-breaks between axes (slice axis of the 2d
+configuration, which axis shrinks first) agree with it. ``spacing[k]`` belongs to array axis k.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+
+from medseg.atomic import atomic_path
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -37,9 +40,9 @@ def strip_suffix(path: str | Path) -> str:
 class Geometry:
     """Where a volume's voxels lie in the world, enough to write a result back on the same grid."""
 
-    shape: tuple[int, ...]  # spatial shape, voxel-index order
-    spacing: tuple[float, ...]
-    affine: np.ndarray  # 4x4 voxel -> world (RAS for NIfTI, LPS for ITK formats)
+    shape: tuple[int, ...]  # spatial shape, array (z, y, x) order
+    spacing: tuple[float, ...]  # array order
+    affine: np.ndarray  # 4x4, file voxel index (i, j, k) -> world (RAS for NIfTI, LPS for ITK formats)
     kind: str  # "nifti" or "itk"
     header: object | None = field(default=None, repr=False)  # nibabel header, reused on write
     direction: tuple[float, ...] | None = None  # ITK direction cosines
@@ -53,35 +56,39 @@ def _spacing_from_affine(affine: np.ndarray) -> tuple[float, ...]:
     return tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
 
 
+def _reverse_spatial(data: np.ndarray, ndim: int) -> np.ndarray:
+    """(i, j, k[, c]) <-> (k, j, i[, c]): reverse the spatial axes, keep a trailing channel axis."""
+    return np.transpose(data, tuple(range(ndim))[::-1] + tuple(range(ndim, data.ndim)))
+
+
 def read_volume(path: str | Path) -> tuple[np.ndarray, Geometry]:
-    """Return (data, geometry); data is (x, y, z) or (x, y, z, c) as stored, not yet cast."""
+    """Return (data, geometry); data is (z, y, x) or (z, y, x, c), not yet cast."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
     if image_suffix(path) in NIFTI_SUFFIXES:
         img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
+        ndim = min(3, len(img.shape))
+        data = _reverse_spatial(np.asanyarray(img.dataobj), ndim)
         affine = np.asarray(img.affine, dtype=np.float64)
-        spatial = tuple(int(s) for s in data.shape[: min(3, data.ndim)])
-        geo = Geometry(spatial, _spacing_from_affine(affine), affine, "nifti", header=img.header.copy())
+        spacing = _spacing_from_affine(affine)[:ndim][::-1]
+        geo = Geometry(tuple(int(s) for s in data.shape[:ndim]), spacing, affine, "nifti", header=img.header.copy())
         return data, geo
     img = sitk.ReadImage(str(path))
-    arr = sitk.GetArrayFromImage(img)  # (z, y, x) or (z, y, x, c)
+    data = sitk.GetArrayFromImage(img)  # (z, y, x) or (z, y, x, c)
     ndim = img.GetDimension()
-    data = np.transpose(arr, tuple(range(ndim))[::-1] + tuple(range(ndim, arr.ndim)))
-    spacing = tuple(float(s) for s in img.GetSpacing())
+    spacing_ijk = np.asarray(img.GetSpacing(), dtype=np.float64)
     direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(ndim, ndim)
-    origin = np.asarray(img.GetOrigin(), dtype=np.float64)
     affine = np.eye(ndim + 1)
-    affine[:ndim, :ndim] = direction * np.asarray(spacing)[None, :]
-    affine[:ndim, ndim] = origin
-    geo = Geometry(tuple(int(s) for s in data.shape[:ndim]), spacing, affine, "itk",
-                   direction=tuple(img.GetDirection()), origin=tuple(img.GetOrigin()))
+    affine[:ndim, :ndim] = direction * spacing_ijk[None, :]
+    affine[:ndim, ndim] = img.GetOrigin()
+    geo = Geometry(tuple(int(s) for s in data.shape[:ndim]), tuple(float(s) for s in spacing_ijk[::-1]), affine,
+                   "itk", direction=tuple(img.GetDirection()), origin=tuple(img.GetOrigin()))
     return data, geo
 
 
 def read_image(paths: list[str | Path]) -> tuple[np.ndarray, Geometry]:
-    """Read one case's image channels (one file per channel, or one 4D file) as float32 (c, x, y, z)."""
+    """Read one case's image channels (one file per channel, or one 4D file) as float32 (c, z, y, x)."""
     channels: list[np.ndarray] = []
     geometry: Geometry | None = None
     for p in paths:
@@ -102,7 +109,7 @@ def read_image(paths: list[str | Path]) -> tuple[np.ndarray, Geometry]:
 
 
 def read_label(path: str | Path) -> tuple[np.ndarray, Geometry]:
-    """Read a label map as int16 (x, y, z); some datasets store labels as float, values must still be integers."""
+    """Read a label map as int16 (z, y, x); some datasets store labels as float, values must still be integers."""
     data, geo = read_volume(path)
     data = np.asarray(data)
     if data.ndim == 4 and data.shape[-1] == 1:
@@ -124,13 +131,17 @@ def write_label(label: np.ndarray, geometry: Geometry, path: str | Path) -> None
     path = Path(path)
     if tuple(label.shape) != tuple(geometry.shape):
         raise ValueError(f"{path}: label shape {label.shape} does not match the target grid {geometry.shape}")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path, suffix=image_suffix(path)) as tmp:
+        _write_label(label, geometry, path, tmp)
+
+
+def _write_label(label: np.ndarray, geometry: Geometry, path: Path, tmp: Path) -> None:
     suffix = image_suffix(path)
-    tmp = path.with_name(f".{path.name}.tmp{suffix}")
     label = np.asarray(label, dtype=np.uint8 if label.max(initial=0) < 256 else np.int16)
+    ndim = label.ndim
     if suffix in NIFTI_SUFFIXES:
         header = geometry.header.copy() if geometry.header is not None and geometry.kind == "nifti" else None
-        img = nib.Nifti1Image(label, geometry.affine, header=header)
+        img = nib.Nifti1Image(_reverse_spatial(label, ndim), geometry.affine, header=header)
         img.set_data_dtype(label.dtype)
         # keep the input's qform/sform codes and matrices: geometry is copied, not re-derived
         if header is not None:
@@ -140,16 +151,15 @@ def write_label(label: np.ndarray, geometry: Geometry, path: str | Path) -> None
         img.header["scl_inter"] = 0
         nib.save(img, str(tmp))
     else:
-        img = sitk.GetImageFromArray(np.transpose(label))
-        ndim = label.ndim
-        img.SetSpacing(tuple(float(s) for s in geometry.spacing))
+        img = sitk.GetImageFromArray(label)
+        spacing_ijk = np.asarray(geometry.spacing[::-1], dtype=np.float64)
+        img.SetSpacing(tuple(float(s) for s in spacing_ijk))
         if geometry.direction is not None and geometry.origin is not None:
             img.SetDirection(geometry.direction)
             img.SetOrigin(geometry.origin)
         else:  # NIfTI geometry into an ITK file: RAS -> LPS
             flip = np.diag([-1.0, -1.0] + [1.0] * (ndim - 2))
-            direction = flip @ (geometry.affine[:ndim, :ndim] / np.asarray(geometry.spacing)[None, :])
+            direction = flip @ (geometry.affine[:ndim, :ndim] / spacing_ijk[None, :])
             img.SetDirection(tuple(direction.ravel()))
             img.SetOrigin(tuple(flip @ geometry.affine[:ndim, ndim]))
         sitk.WriteImage(img, str(tmp), useCompression=True)
-    tmp.replace(path)

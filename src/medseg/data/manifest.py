@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medseg.atomic import write_json
 from medseg.errors import DatasetError
 
 MANIFEST_VERSION = 1
@@ -92,11 +93,7 @@ class Manifest:
                    version=int(d.get("version", MANIFEST_VERSION)), extra=d.get("extra", {}))
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        tmp.replace(path)
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path, root: str | None = None) -> "Manifest":

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from medseg.atomic import write_json
 from medseg.data.io import read_image, read_label
 from medseg.data.manifest import Case, Manifest
 from medseg.errors import DatasetError
@@ -68,11 +69,7 @@ class DatasetFingerprint:
                    [ChannelIntensity(**c) for c in d["intensity"]], d.get("version", FINGERPRINT_VERSION))
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        tmp.replace(path)
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "DatasetFingerprint":

@@ -7,7 +7,11 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from medseg.atomic import write_json
+from medseg.errors import ConfigError
+
 PLAN_VERSION = 1
+PREPROCESSING_VERSION = 2  # bump when preprocessing code changes what it writes: old caches are then redone
 
 
 @dataclass
@@ -31,7 +35,7 @@ class ConfigurationPlan:
 
     def preprocessing_key(self, intensity: list[dict]) -> str:
         """Changes exactly when the preprocessed arrays of this configuration would change."""
-        relevant = {"spacing": self.spacing, "normalization": self.normalization,
+        relevant = {"version": PREPROCESSING_VERSION, "spacing": self.spacing, "normalization": self.normalization,
                     "use_mask_for_norm": self.use_mask_for_norm, "anisotropy_axis": self.anisotropy_axis,
                     "intensity": intensity if "ct" in self.normalization else None}
         return hashlib.sha1(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
@@ -51,7 +55,6 @@ class Plan:
 
     def configuration(self, name: str) -> ConfigurationPlan:
         if name not in self.configurations:
-            from medseg.errors import ConfigError
             raise ConfigError(f"configuration {name!r} is not in the plan of {self.dataset} "
                               f"(planned: {sorted(self.configurations)})")
         return self.configurations[name]
@@ -69,11 +72,7 @@ class Plan:
                    dict(d.get("explanations", {})), d.get("fingerprint_key", ""), d.get("version", PLAN_VERSION))
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        tmp.replace(path)
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from medseg.atomic import atomic_path, write_json
 from medseg.data.io import read_image, read_label
 from medseg.data.manifest import Case, Manifest
 from medseg.planning.plan import ConfigurationPlan, Plan
@@ -31,10 +32,8 @@ def case_key(case: Case, config_key: str) -> str:
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
-    tmp.replace(path)
 
 
 class PreprocessedCache:
@@ -60,12 +59,9 @@ class PreprocessedCache:
         p["properties"].unlink(missing_ok=True)  # invalidate first: a crash below leaves no trusted entry
         _atomic_save_npy(p["image"], data)
         _atomic_save_npy(p["label"], label)
-        tmp = p["locations"].with_name(f".{p['locations'].name}.tmp.npz")
-        np.savez(tmp, **{str(k): v for k, v in locations.items()})
-        tmp.replace(p["locations"])
-        tmp_json = p["properties"].with_name(f".{p['properties'].name}.tmp")
-        tmp_json.write_text(json.dumps({**props, "cache_key": key}))
-        tmp_json.replace(p["properties"])
+        with atomic_path(p["locations"], suffix=".npz") as tmp:
+            np.savez(tmp, **{str(k): v for k, v in locations.items()})
+        write_json(p["properties"], {**props, "cache_key": key}, indent=None)
 
     def load_properties(self, case_id: str) -> dict:
         return json.loads(self.paths(case_id)["properties"].read_text())

@@ -9,7 +9,8 @@ from tqdm import tqdm
 
 from medseg.data.io import read_image, read_label, write_label
 from medseg.data.manifest import Manifest
-from medseg.evaluation.metrics import dice_per_class, summarize, write_case_csv, write_json
+from medseg.atomic import write_json
+from medseg.evaluation.metrics import dice_per_class, summarize, write_case_csv
 from medseg.inference.predictor import Predictor
 
 log = logging.getLogger(__name__)
@@ -30,5 +31,5 @@ def validate_fold(predictor: Predictor, manifest: Manifest, case_ids: list[str],
         rows.append({"case_id": case_id, "fold": fold, **{f"dice_{names[c]}": d for c, d in dice.items()}})
     write_case_csv(rows, fold_dir / "validation" / "per_case.csv")
     metrics = {"fold": fold, **summarize(rows, names)}
-    write_json(metrics, fold_dir / "metrics.json")
+    write_json(fold_dir / "metrics.json", metrics)
     return metrics
