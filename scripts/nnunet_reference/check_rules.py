@@ -5,7 +5,7 @@ It re-plans every fixture in tests/planning/fixtures/nnunet_*.json from the stor
 compares against the stored nnU-Net plans (it does not import nnunetv2 or torch).  With --vram it also checks the
 closed-form VRAM estimate against dynamic_network_architectures' compute_conv_feature_map_size (needs the venv).
 
-Usage: python check_rules.py [--fixtures DIR] [--vram]
+Usage: python check_rules.py [--fixtures DIR] [--vram] [--fingerprint-raw $nnUNet_raw [--fingerprint-only F.json ...]]
 """
 from __future__ import annotations
 
@@ -257,11 +257,78 @@ def check_vram(n_random=300, seed=0):
     return bad == 0
 
 
+def fingerprint(raw_dataset_dir):
+    """Re-compute nnU-Net's dataset_fingerprint.json (needs SimpleITK + scipy; no nnunetv2)."""
+    import SimpleITK as sitk
+    from scipy.ndimage import binary_fill_holes
+    dj = json.load(open(os.path.join(raw_dataset_dir, "dataset.json")))
+    fe = dj["file_ending"]
+    n_ch = len(dj["channel_names"])
+    img_dir = os.path.join(raw_dataset_dir, "imagesTr")
+    ids = sorted({f[: -len(fe) - 5] for f in os.listdir(img_dir) if f.endswith(fe)})
+    n_samples = int(10e7 // len(ids))
+    spacings, shapes, rel, samples = [], [], [], [[] for _ in range(n_ch)]
+    for cid in ids:
+        itks = [sitk.ReadImage(os.path.join(img_dir, f"{cid}_{c:04d}{fe}")) for c in range(n_ch)]
+        img = np.vstack([sitk.GetArrayFromImage(i)[None] for i in itks], dtype=np.float32, casting="unsafe")
+        seg = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(raw_dataset_dir, "labelsTr", cid + fe)))
+        seg = seg.astype(np.float32)
+        mask = binary_fill_holes(np.any(img != 0, axis=0))
+        if mask.any():
+            idx = np.nonzero(mask)
+            sl = tuple(slice(int(i.min()), int(i.max()) + 1) for i in idx)
+        else:
+            sl = tuple(slice(0, n) for n in mask.shape)
+        imgc, segc, maskc = img[(slice(None),) + sl], seg[sl].copy(), mask[sl]
+        segc[(segc == 0) & (~maskc)] = -1
+        rs = np.random.RandomState(1234)
+        fg = segc > 0
+        for c in range(n_ch):
+            px = imgc[c][fg]
+            samples[c].append(rs.choice(px, n_samples, replace=True) if px.size else np.zeros(0, np.float32))
+        spacings.append([float(abs(x)) for x in itks[0].GetSpacing()[::-1]])
+        shapes.append(list(imgc.shape[1:]))
+        rel.append(np.prod(imgc.shape[1:]) / np.prod(img.shape[1:]))
+    props = {}
+    for c in range(n_ch):
+        v = np.concatenate(samples[c])
+        p005, med, p995 = np.percentile(v, (0.5, 50.0, 99.5))
+        props[str(c)] = {"mean": float(np.mean(v)), "median": float(med), "std": float(np.std(v)),
+                         "min": float(np.min(v)), "max": float(np.max(v)), "percentile_99_5": float(p995),
+                         "percentile_00_5": float(p005)}
+    return {"spacings": spacings, "shapes_after_crop": shapes, "foreground_intensity_properties_per_channel": props,
+            "median_relative_size_after_cropping": float(np.median(rel))}
+
+
+def check_fingerprint(fixture_path, raw_root):
+    fx = json.load(open(fixture_path))
+    d = os.path.join(raw_root, fx["dataset_name"])
+    if not os.path.isdir(d):
+        print("SKIP fingerprint", fx["dataset_name"], "(raw data missing)")
+        return True
+    mine, ref = fingerprint(d), fx["fingerprint"]
+    errs = []
+    if not np.allclose(mine["spacings"], ref["spacings"], rtol=0, atol=0):
+        errs.append("spacings")
+    if mine["shapes_after_crop"] != ref["shapes_after_crop"]:
+        errs.append("shapes_after_crop")
+    if mine["median_relative_size_after_cropping"] != ref["median_relative_size_after_cropping"]:
+        errs.append("median_relative_size_after_cropping")
+    for c, props in ref["foreground_intensity_properties_per_channel"].items():
+        for k, v in props.items():
+            if mine["foreground_intensity_properties_per_channel"][c][k] != v:
+                errs.append(f"intensity[{c}].{k}: {mine['foreground_intensity_properties_per_channel'][c][k]} != {v}")
+    print(("OK   " if not errs else "FAIL ") + "fingerprint " + fx["dataset_name"], *errs)
+    return not errs
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     here = os.path.dirname(os.path.abspath(__file__))
     ap.add_argument("--fixtures", default=os.path.join(here, "..", "..", "tests", "planning", "fixtures"))
     ap.add_argument("--vram", action="store_true")
+    ap.add_argument("--fingerprint-raw", default=None, help="nnUNet_raw folder: also re-compute the fingerprints")
+    ap.add_argument("--fingerprint-only", nargs="*", default=None, help="fixture basenames to fingerprint-check")
     a = ap.parse_args(argv)
     ok = True
     for f in sorted(glob.glob(os.path.join(a.fixtures, "nnunet_*.json"))):
@@ -272,6 +339,14 @@ def main(argv=None):
         ok &= not errs
     if a.vram:
         ok &= check_vram()
+    if a.fingerprint_raw:
+        for f in sorted(glob.glob(os.path.join(a.fixtures, "nnunet_*.json"))):
+            name = os.path.basename(f)
+            if any(t in name for t in ("_resenc",)):
+                continue  # same fingerprint as the default-planner fixture
+            if a.fingerprint_only and name not in a.fingerprint_only:
+                continue
+            ok &= check_fingerprint(f, a.fingerprint_raw)
     return 0 if ok else 1
 
 

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Regenerate medseg's nnU-Net reference plans (tests/planning/fixtures/nnunet_*.json) with the real nnunetv2 2.8.1.
 #
-# Prerequisite (not done here; pin torch via a constraints file, otherwise nnunetv2's torchvision dependency
-# upgrades torch to a CUDA build):
+# Prerequisite (not done here):
 #   python3.11 -m venv /tmp/nnunet_venv
-#   /tmp/nnunet_venv/bin/pip install torch==2.13.0
-#   /tmp/nnunet_venv/bin/pip install nnunetv2==2.8.1
+#   /tmp/nnunet_venv/bin/pip install torch==2.13.0 nnunetv2==2.8.1
+# Install both in ONE pip call: installing nnunetv2 in a second call lets pip pick torchvision 0.29 (via timm), which
+# needs torch>=2.14 and silently replaces the CPU torch 2.13.0 by a multi-GB CUDA build.  With the single call pip
+# picks torchvision 0.28.0, whose import fails against torch 2.13.0+cpu ("operator torchvision::nms does not
+# exist"); that only breaks nnU-Net's Primus trainers, planning is unaffected.  The plans do not depend on the
+# torch version (checked: torch 2.14.1 and 2.13.0 gave byte-identical fixtures for aniso_mri and mri_mask).
 #
 # Usage: scripts/nnunet_reference/run_reference.sh [dataset ...]
 #   datasets: aniso_mri ct large_lowres mri_mask hippocampus (default: all)

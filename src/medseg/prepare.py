@@ -30,20 +30,19 @@ class PreparedDataset:
     folder: Path  # <paths.preprocessed>/<dataset>
 
     def cache(self, configuration: str) -> PreprocessedCache:
-        return PreprocessedCache(self.folder / configuration)
+        return PreprocessedCache(self.folder / self.plan.configuration(configuration).data_identifier)
 
 
 def load_manifest(data_cfg: DictConfig, folder: Path) -> Manifest:
-    """Build the manifest with the configured adapter; folds are fixed once, in <folder>/manifest.json."""
+    """Build the manifest with the configured adapter, with folds: those fixed earlier in <folder>/manifest.json,
+    else newly assigned (saved by ``prepare`` once the data has passed validation)."""
     data = OmegaConf.to_container(data_cfg, resolve=True)
     if "synthetic" in data:
         generate_synthetic_dataset(data["root"], **data["synthetic"])
     manifest = build_manifest(data.pop("adapter"), **{k: v for k, v in data.items() if k != "synthetic"})
     saved = folder / "manifest.json"
     previous = Manifest.load(saved) if saved.is_file() else None
-    assign_folds(manifest, int(data.get("fold_seed", 12345)), previous)
-    manifest.save(saved)
-    return manifest
+    return assign_folds(manifest, int(data.get("fold_seed", 12345)), previous)
 
 
 def prepare(cfg: DictConfig, configurations: list[str] | None = None, progress: bool = True) -> PreparedDataset:
@@ -57,10 +56,12 @@ def prepare(cfg: DictConfig, configurations: list[str] | None = None, progress: 
         log.info("fingerprinting and validating %d cases of %s", len(manifest.cases), manifest.name)
         fingerprint = compute_fingerprint(manifest, num_processes, progress)
         fingerprint.save(fp_path)
+    manifest.save(folder / "manifest.json")  # folds are fixed from here on
 
     settings = PlannerSettings.from_config(cfg.planner)
     plan = plan_dataset(fingerprint, manifest.channel_names, manifest.labels, settings)
     plan.save(folder / "plans.json")
     for name in configurations or []:
-        preprocess_dataset(manifest, plan, plan.configuration(name), folder / name, num_processes, progress)
+        config = plan.configuration(name)
+        preprocess_dataset(manifest, plan, config, folder / config.data_identifier, num_processes, progress)
     return PreparedDataset(manifest, fingerprint, plan, folder)

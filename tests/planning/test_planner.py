@@ -29,6 +29,7 @@ def test_hippocampus_3d_fullres_matches_nnunet(hippo_fingerprint):
     c = plan.configuration("3d_fullres")
     assert c.spacing == [1.0, 1.0, 1.0]
     assert c.median_shape == [36, 50, 35]  # (z, y, x), as nnU-Net reports it
+    assert plan.transpose == [0, 1, 2]
     assert c.patch_size == [40, 56, 40]
     assert c.batch_size == 8
     assert c.features == [32, 64, 128, 256]
@@ -36,6 +37,10 @@ def test_hippocampus_3d_fullres_matches_nnunet(hippo_fingerprint):
     assert c.kernel_sizes == [[3, 3, 3]] * 4
     assert c.normalization == ["zscore"] and c.use_mask_for_norm == [False]
     assert plan.overridden == []
+    c2 = plan.configuration("2d")
+    assert (c2.patch_size, c2.batch_size, c2.features) == ([56, 40], 309, [32, 64, 128, 256])
+    assert c2.spacing == [1.0, 1.0]
+    assert "3d_lowres" not in plan.configurations
 
 
 def test_overrides_are_used_and_recorded(hippo_fingerprint):
@@ -60,3 +65,23 @@ def test_topology_of_anisotropic_spacing():
         for s in topo.strides:
             total *= s[axis]
         assert topo.patch_size[axis] % total == 0
+
+
+def test_fingerprint_matches_nnunet_on_hippocampus(hippo_fingerprint):
+    """Spacings and cropped shapes exactly; foreground statistics within sampling error (nnU-Net draws a
+    random sample with replacement, medseg uses every foreground voxel when there are fewer than its budget)."""
+    import json
+    from pathlib import Path
+
+    ref = json.loads((Path(__file__).parent / "fixtures" / "nnunet_hippocampus.json").read_text())
+    _, fp = hippo_fingerprint
+    ours = {c.case_id: c for c in fp.cases}
+    for case_id, spacing, shape in zip(ref["cases"], ref["fingerprint"]["spacings"],
+                                       ref["fingerprint"]["shapes_after_crop"]):
+        assert ours[case_id].spacing == pytest.approx(spacing)
+        assert ours[case_id].shape_after_crop == shape
+    theirs = ref["fingerprint"]["foreground_intensity_properties_per_channel"]["0"]
+    mine = vars(fp.intensity[0])
+    for key in ("mean", "median", "std", "percentile_00_5", "percentile_99_5"):
+        assert mine[key] == pytest.approx(theirs[key], rel=2e-3), key
+    assert mine["min"] == theirs["min"] and mine["max"] == theirs["max"]

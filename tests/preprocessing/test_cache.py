@@ -1,6 +1,7 @@
 import os
 
 import numpy as np
+import pytest
 import torch
 
 from medseg.data.adapters import build_manifest
@@ -29,8 +30,8 @@ def test_rerun_is_a_noop_and_a_changed_plan_redoes_the_cases(synthetic_root, tmp
     data, label, locations = cache.load_arrays("synthetic_000")
     assert data.dtype == np.float32 and label.dtype == np.int8
     assert set(np.unique(label)) <= {0, 1, 2} and len(locations[1]) > 0
-    # 1.5 mm along the file's last axis (array axis 0); forcing 1.0 mm makes that axis grow
-    _, plan2 = _plan(synthetic_root, target_spacing=[1.0, 1.0, 1.0])
+    # 1.5 mm along the file's last axis (array axis 0); forcing 1.2 mm makes that axis grow
+    _, plan2 = _plan(synthetic_root, target_spacing=[1.2, 1.0, 1.0])
     config2 = plan2.configuration("3d_fullres")
     preprocess_dataset(manifest, plan2, config2, tmp_path / "cache", num_processes=2, progress=False)
     assert all(f.stat().st_mtime_ns != stamps[f] for f in files)
@@ -50,8 +51,10 @@ def test_interrupted_case_is_not_trusted(synthetic_root, tmp_path):
     assert cache.paths("synthetic_002")["image"].stat().st_mtime_ns == stamp
 
 
-def test_preprocess_then_back_restores_the_input_grid(synthetic_root):
-    manifest, plan = _plan(synthetic_root, target_spacing=[1.3, 0.8, 1.0])
+@pytest.mark.parametrize("target", [[1.3, 0.8, 1.0], [1.0, 1.6, 0.8]], ids=["identity-order", "transposed"])
+def test_preprocess_then_back_restores_the_input_grid(synthetic_root, target):
+    manifest, plan = _plan(synthetic_root, target_spacing=target)
+    assert (plan.transpose != [0, 1, 2]) == (target[1] == 1.6)
     config = plan.configuration("3d_fullres")
     image, geo = read_image(manifest.cases[0].images)
     from medseg.data.io import read_label
@@ -60,7 +63,7 @@ def test_preprocess_then_back_restores_the_input_grid(synthetic_root):
     data, seg, props = preprocess_image(image, geo.spacing, plan, config, "c", label)
     assert list(data.shape[1:]) == props.shape_after_resample != props.shape_after_crop
     one_hot = torch.from_numpy(np.eye(3, dtype=np.float32)[seg.astype(int)]).permute(3, 0, 1, 2) * 10
-    back = logits_to_original(one_hot, props).argmax(0).numpy()
+    back = logits_to_original(one_hot, props, plan).argmax(0).numpy()
     assert back.shape == label.shape
     dice = 2 * ((back > 0) & (label > 0)).sum() / ((back > 0).sum() + (label > 0).sum())
     assert dice > 0.95

@@ -15,12 +15,14 @@ def main(cfg: DictConfig) -> None:
 
     prepared = prepare(cfg, list(cfg.preprocess))
     print(f"plan written to {prepared.folder / 'plans.json'}")
-    for name, config in prepared.plan.configurations.items():
-        print(f"{name}: spacing {config.spacing} patch {config.patch_size} batch {config.batch_size} "
-              f"features {config.features} strides {config.strides[1:]}")
-        if cfg.explain:
-            for line in prepared.plan.explanations.get(name, []):
-                print(f"  - {line}")
+    plan = prepared.plan
+    print(f"planner {plan.planner} ({plan.gpu_memory_gb:g} GB), axis order {plan.transpose}")
+    for name, config in plan.configurations.items():
+        print(f"{name}: spacing {[round(s, 4) for s in config.spacing]} patch {config.patch_size} "
+              f"batch {config.batch_size} features {config.features} strides {config.strides[1:]}")
+    if cfg.explain:
+        for line in plan.explanations:
+            print(f"  - {line}")
     if prepared.plan.overridden:
         print(f"overridden: {json.dumps(prepared.plan.overridden)}")
 

@@ -35,6 +35,15 @@ def _read_json(path: Path) -> dict:
         raise DatasetError([f"{path}: not valid JSON ({e})"]) from None
 
 
+def _dataset_json(root: Path, required: tuple[str, ...]) -> tuple[Path, dict]:
+    path = root / "dataset.json"
+    meta = _read_json(path)
+    problems = [f"{path}: missing key {k!r}" for k in required if k not in meta]
+    if problems:
+        raise DatasetError(problems, str(root))
+    return path, meta
+
+
 def _inside(root: Path, relpath: str, where: str) -> str:
     """Resolve a dataset-relative path, refusing one that escapes the dataset root."""
     p = (root / relpath).resolve()
@@ -47,11 +56,7 @@ def _inside(root: Path, relpath: str, where: str) -> str:
 def msd(root: str, name: str | None = None, num_folds: int = 5, **_) -> Manifest:
     """Medical Segmentation Decathlon: dataset.json with ``modality``, ``labels`` and ``training`` pairs."""
     root_p = Path(root)
-    meta_path = root_p / "dataset.json"
-    meta = _read_json(meta_path)
-    problems = [f"{meta_path}: missing key {k!r}" for k in ("modality", "labels", "training") if k not in meta]
-    if problems:
-        raise DatasetError(problems, str(root_p))
+    meta_path, meta = _dataset_json(root_p, ("modality", "labels", "training"))
     channels = [meta["modality"][k] for k in sorted(meta["modality"], key=int)]
     labels = {int(k): v for k, v in meta["labels"].items()}
     cases = []
@@ -66,11 +71,7 @@ def msd(root: str, name: str | None = None, num_folds: int = 5, **_) -> Manifest
 def nnunet_raw(root: str, name: str | None = None, num_folds: int = 5, **_) -> Manifest:
     """nnU-Net v2 raw layout: ``imagesTr/<case>_<cccc><ending>`` per channel, ``labelsTr/<case><ending>``."""
     root_p = Path(root)
-    meta_path = root_p / "dataset.json"
-    meta = _read_json(meta_path)
-    problems = [f"{meta_path}: missing key {k!r}" for k in ("channel_names", "labels", "file_ending") if k not in meta]
-    if problems:
-        raise DatasetError(problems, str(root_p))
+    meta_path, meta = _dataset_json(root_p, ("channel_names", "labels", "file_ending"))
     channels = [meta["channel_names"][k] for k in sorted(meta["channel_names"], key=int)]
     labels = {}
     for label_name, value in meta["labels"].items():

@@ -91,14 +91,14 @@ class Predictor:
                               f"{len(self.plan.channel_names)} ({self.plan.channel_names})")
         groups: dict[str, list[TrainedModel]] = {}
         for m in self.models:  # models sharing preprocessing share one preprocessed copy
-            groups.setdefault(m.config.preprocessing_key(m.plan.intensity_properties), []).append(m)
+            groups.setdefault(m.plan.preprocessing_key(m.config.name), []).append(m)
         total = None
         for members in groups.values():
             data, _, props = preprocess_image(image, spacing, members[0].plan, members[0].config)
             x = torch.from_numpy(data)
             summed = sum(predict_logits(m.model, x, m.config.patch_size, self.overlap, self.mirror_axes,
                                         self.sw_batch_size, self.device).cpu() for m in members)
-            full = logits_to_original(summed, props)
+            full = logits_to_original(summed, props, members[0].plan)
             total = full if total is None else total + full
         return total / len(self.models)
 

@@ -20,7 +20,11 @@ from medseg.data.manifest import Case, Manifest
 from medseg.errors import DatasetError
 from medseg.preprocessing.crop import crop_to_nonzero
 
-FOREGROUND_SAMPLES_TOTAL = 10**8  # foreground voxels sampled over the whole dataset (nnU-Net's figure)
+# nnU-Net draws the same number of foreground samples from every case (with replacement), so each case weighs
+# the same in the intensity statistics whatever its foreground size. medseg computes the expectation of those
+# statistics instead: each case's foreground voxels (at most this many, drawn without replacement) weighted
+# 1/count. Same answer up to nnU-Net's sampling noise, deterministic, and a fraction of the memory.
+FOREGROUND_SAMPLES_PER_CASE = 100_000
 FINGERPRINT_VERSION = 1
 
 
@@ -95,7 +99,8 @@ def _with_path(error: Exception, path: str) -> str:
     return msg if path in msg else f"{path}: {msg}"
 
 
-def inspect_case(case: Case, num_channels: int, labels: list[int], samples_per_case: int, seed: int = 1234):
+def inspect_case(case: Case, num_channels: int, labels: list[int], samples_per_case: int = FOREGROUND_SAMPLES_PER_CASE,
+                 seed: int = 1234):
     """Validate one case and fingerprint it. Returns (problems, fingerprint or None, fg samples or None)."""
     problems: list[str] = []
     where = case.images[0]
@@ -130,11 +135,11 @@ def inspect_case(case: Case, num_channels: int, labels: list[int], samples_per_c
     fg = cropped_label > 0
     rng = np.random.default_rng(seed)
     samples = []
+    keep = np.flatnonzero(fg.ravel())
+    if keep.size > samples_per_case:
+        keep = np.sort(rng.choice(keep, samples_per_case, replace=False))
     for c in range(cropped.shape[0]):
-        vals = cropped[c][fg]
-        if vals.size > samples_per_case:
-            vals = rng.choice(vals, samples_per_case, replace=False)
-        samples.append(vals.astype(np.float32))
+        samples.append(cropped[c].ravel()[keep].astype(np.float32))
     fp = CaseFingerprint(case.case_id, [float(s) for s in geo.spacing], list(image.shape[1:]),
                          list(cropped.shape[1:]), float(np.prod(cropped.shape[1:]) / np.prod(image.shape[1:])))
     return [], fp, samples
@@ -144,12 +149,21 @@ def _inspect(args):
     return inspect_case(*args)
 
 
-def _channel_stats(values: np.ndarray) -> ChannelIntensity:
-    if values.size == 0:  # no foreground anywhere: statistics are undefined, keep them neutral
+def _channel_stats(per_case: list[np.ndarray]) -> ChannelIntensity:
+    """Statistics over all cases' foreground values, every case weighing the same."""
+    per_case = [v for v in per_case if v.size]
+    if not per_case:  # no foreground anywhere: statistics are undefined, keep them neutral
         return ChannelIntensity(0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0)
-    p = np.percentile(values, [50.0, 0.5, 99.5])
-    return ChannelIntensity(float(values.mean()), float(values.std()), float(values.min()), float(values.max()),
-                            float(p[0]), float(p[1]), float(p[2]))
+    values = np.concatenate(per_case).astype(np.float64)
+    weights = np.concatenate([np.full(v.size, 1.0 / v.size) for v in per_case])
+    weights /= weights.sum()
+    mean = float(np.sum(weights * values))
+    std = float(np.sqrt(np.sum(weights * (values - mean) ** 2)))
+    order = np.argsort(values, kind="stable")
+    cdf = np.cumsum(weights[order]) - weights[order] / 2
+    median, p005, p995 = np.interp([0.5, 0.005, 0.995], cdf, values[order])
+    return ChannelIntensity(mean, std, float(values.min()), float(values.max()), float(median), float(p005),
+                            float(p995))
 
 
 def compute_fingerprint(manifest: Manifest, num_processes: int = 2, progress: bool = True) -> DatasetFingerprint:
@@ -161,9 +175,8 @@ def compute_fingerprint(manifest: Manifest, num_processes: int = 2, progress: bo
         problems.append("the dataset has no cases")
     if problems:
         raise DatasetError(problems, manifest.name)
-    per_case = max(1, FOREGROUND_SAMPLES_TOTAL // len(manifest.cases))
     labels = sorted(manifest.labels)
-    jobs = [(c, manifest.num_channels, labels, per_case) for c in manifest.cases]
+    jobs = [(c, manifest.num_channels, labels) for c in manifest.cases]
     if num_processes > 1:
         with ProcessPoolExecutor(num_processes) as pool:
             results = list(tqdm(pool.map(_inspect, jobs, chunksize=4), total=len(jobs), desc="fingerprint",
@@ -179,6 +192,6 @@ def compute_fingerprint(manifest: Manifest, num_processes: int = 2, progress: bo
     if problems:
         raise DatasetError(problems, manifest.name)
     spatial_dims = {len(c.spacing) for c in cases}
-    intensity = [_channel_stats(np.concatenate([s[c] for s in samples])) for c in range(manifest.num_channels)]
+    intensity = [_channel_stats([s[c] for s in samples]) for c in range(manifest.num_channels)]
     assert spatial_dims == {3}, spatial_dims
     return DatasetFingerprint(manifest.name, source_key(manifest), cases, intensity)

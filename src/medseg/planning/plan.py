@@ -1,4 +1,9 @@
-"""Plan dataclasses: everything training and prediction need to know about a configuration, as JSON."""
+"""Plan dataclasses: everything training and prediction need to know about a configuration, as JSON.
+
+Shapes, spacings and patch sizes of a configuration are in planning axis order: the array (z, y, x) axes
+permuted by ``Plan.transpose`` (the coarsest axis first). Preprocessing transposes each case the same way and
+prediction transposes back.
+"""
 
 from __future__ import annotations
 
@@ -10,35 +15,38 @@ from pathlib import Path
 from medseg.atomic import write_json
 from medseg.errors import ConfigError
 
-PLAN_VERSION = 1
-PREPROCESSING_VERSION = 2  # bump when preprocessing code changes what it writes: old caches are then redone
+PLAN_VERSION = 2
+PREPROCESSING_VERSION = 3  # bump when preprocessing code changes what it writes: old caches are then redone
 
 
 @dataclass
 class ConfigurationPlan:
-    name: str  # "3d_fullres", "2d"
+    name: str  # "2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"
     spatial_dims: int
-    spacing: list[float]  # target spacing, voxel-index axis order
-    median_shape: list[int]  # median shape after crop and resampling
+    spacing: list[float]  # target spacing (2d: in-plane only; the slice axis keeps each case's own)
+    median_shape: list[float]  # median shape after crop and resampling
     patch_size: list[int]
     batch_size: int
     strides: list[list[int]]  # per stage; the first is all ones
     kernel_sizes: list[list[int]]  # per stage
     features: list[int]  # per stage
-    normalization: list[str]  # per channel: "zscore" or "ct"
+    normalization: list[str]  # per channel: "zscore", "ct", "none", "rescale_0_1", "rgb_0_1"
     use_mask_for_norm: list[bool]  # per channel
-    anisotropy_axis: int | None = None  # coarse axis resampled separately, if the data is anisotropic
+    network: str = "plain"  # "plain" or "resenc": the planner preset's network the budget was sized for
+    encoder_blocks: list[int] = field(default_factory=list)  # convs (plain) or residual blocks (resenc) per stage
+    decoder_convs: list[int] = field(default_factory=list)
+    batch_dice: bool = True
+    next_stage: str | None = None
+    previous_stage: str | None = None
 
     @property
     def num_stages(self) -> int:
         return len(self.features)
 
-    def preprocessing_key(self, intensity: list[dict]) -> str:
-        """Changes exactly when the preprocessed arrays of this configuration would change."""
-        relevant = {"version": PREPROCESSING_VERSION, "spacing": self.spacing, "normalization": self.normalization,
-                    "use_mask_for_norm": self.use_mask_for_norm, "anisotropy_axis": self.anisotropy_axis,
-                    "intensity": intensity if "ct" in self.normalization else None}
-        return hashlib.sha1(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+    @property
+    def data_identifier(self) -> str:
+        """Which preprocessed data the configuration trains on (the cascade's fullres stage shares 3d_fullres's)."""
+        return "3d_fullres" if self.name == "3d_cascade_fullres" else self.name
 
 
 @dataclass
@@ -48,16 +56,31 @@ class Plan:
     labels: dict[int, str]
     intensity_properties: list[dict]  # per channel, from the fingerprint (used by CT normalisation)
     configurations: dict[str, ConfigurationPlan]
+    transpose: list[int] = field(default_factory=lambda: [0, 1, 2])  # array axes -> planning axes
+    planner: str = "default"
+    gpu_memory_gb: float = 8.0
     overridden: list[str] = field(default_factory=list)  # planner keys forced from the config
-    explanations: dict[str, list[str]] = field(default_factory=dict)  # why each value was chosen
+    explanations: list[str] = field(default_factory=list)  # why each value was chosen
     fingerprint_key: str = ""
     version: int = PLAN_VERSION
+
+    @property
+    def transpose_backward(self) -> list[int]:
+        return [self.transpose.index(a) for a in range(len(self.transpose))]
 
     def configuration(self, name: str) -> ConfigurationPlan:
         if name not in self.configurations:
             raise ConfigError(f"configuration {name!r} is not in the plan of {self.dataset} "
                               f"(planned: {sorted(self.configurations)})")
         return self.configurations[name]
+
+    def preprocessing_key(self, name: str) -> str:
+        """Changes exactly when the preprocessed arrays of a configuration would change."""
+        c = self.configuration(name)
+        relevant = {"version": PREPROCESSING_VERSION, "transpose": self.transpose, "dims": c.spatial_dims,
+                    "spacing": c.spacing, "normalization": c.normalization, "use_mask": c.use_mask_for_norm,
+                    "intensity": self.intensity_properties if "ct" in c.normalization else None}
+        return hashlib.sha1(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -66,10 +89,11 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
+        if d.get("version") != PLAN_VERSION:
+            raise ConfigError(f"plan version {d.get('version')} is not {PLAN_VERSION}: re-run medseg-plan")
         configs = {k: ConfigurationPlan(**v) for k, v in d["configurations"].items()}
-        return cls(d["dataset"], list(d["channel_names"]), {int(k): v for k, v in d["labels"].items()},
-                   list(d["intensity_properties"]), configs, list(d.get("overridden", [])),
-                   dict(d.get("explanations", {})), d.get("fingerprint_key", ""), d.get("version", PLAN_VERSION))
+        fields = {k: v for k, v in d.items() if k not in ("labels", "configurations")}
+        return cls(labels={int(k): v for k, v in d["labels"].items()}, configurations=configs, **fields)
 
     def save(self, path: str | Path) -> None:
         write_json(path, self.to_dict())

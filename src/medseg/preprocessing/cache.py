@@ -90,7 +90,7 @@ def preprocess_dataset(manifest: Manifest, plan: Plan, config: ConfigurationPlan
                        num_processes: int = 2, progress: bool = True) -> PreprocessedCache:
     """Bring the cache up to date for every case; returns it. Cases already current are not touched."""
     cache = PreprocessedCache(folder)
-    config_key = config.preprocessing_key(plan.intensity_properties)
+    config_key = plan.preprocessing_key(config.name)
     jobs = []
     for case in manifest.cases:
         key = case_key(case, config_key)

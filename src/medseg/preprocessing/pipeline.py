@@ -1,4 +1,4 @@
-"""One case through crop -> normalise -> resample, and the way back for predictions."""
+"""One case through transpose -> crop -> normalise -> resample (nnU-Net's order), and the way back."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import torch
 
 from medseg.planning.plan import ConfigurationPlan, Plan
-from medseg.preprocessing.crop import crop, crop_to_nonzero
+from medseg.preprocessing.crop import crop_to_nonzero
 from medseg.preprocessing.normalize import normalize
-from medseg.preprocessing.resample import resample_image, resample_label, resample_logits, resampled_shape
+from medseg.preprocessing.resample import new_shape, resample_image, resample_label, resample_logits
 
 MAX_LOCATIONS_PER_CLASS = 10_000
 
@@ -20,9 +20,9 @@ class CaseProperties:
     """What preprocessing did to a case, so the result can be mapped back onto the input grid."""
 
     case_id: str
-    original_shape: list[int]
-    original_spacing: list[float]
-    box: list[list[int]]  # crop box in the original grid, [start, stop) per axis
+    original_shape: list[int]  # array (z, y, x) order
+    spacing: list[float]  # planning axis order (transposed), the case's own
+    box: list[list[int]]  # crop box in the transposed grid, [start, stop) per axis
     shape_after_crop: list[int]
     shape_after_resample: list[int]
 
@@ -30,17 +30,29 @@ class CaseProperties:
         return asdict(self)
 
 
+def case_target_spacing(config: ConfigurationPlan, spacing_t) -> list[float]:
+    """2d keeps each case's own spacing along the slicing axis; 3d resamples every axis."""
+    return list(config.spacing) if config.spatial_dims == 3 else [float(spacing_t[0])] + list(config.spacing)
+
+
 def preprocess_image(image: np.ndarray, spacing, plan: Plan, config: ConfigurationPlan, case_id: str = "",
                      label: np.ndarray | None = None):
-    """Return (data float32 (c, *shape), label int8 or None, CaseProperties)."""
+    """(c, z, y, x) image (+ label) -> (data float32, label int8 or None, CaseProperties)."""
+    order = plan.transpose
+    image = np.transpose(image, [0] + [a + 1 for a in order])
+    label = np.transpose(label, order) if label is not None else None
+    spacing_t = [float(spacing[a]) for a in order]
     cropped, cropped_label, mask, box = crop_to_nonzero(image, label)
-    data = normalize(cropped, config.normalization, config.use_mask_for_norm, mask, plan.intensity_properties)
-    new_shape = resampled_shape(cropped.shape[1:], spacing, config.spacing)
-    data = resample_image(data, new_shape)
     if cropped_label is not None:
-        cropped_label = resample_label(cropped_label, new_shape, sorted(plan.labels)).astype(np.int8)
-    props = CaseProperties(case_id, list(image.shape[1:]), [float(s) for s in spacing],
-                           [list(b) for b in box], list(cropped.shape[1:]), list(new_shape))
+        mask = mask | (cropped_label > 0)  # labelled voxels always count as inside
+    data = normalize(cropped, config.normalization, config.use_mask_for_norm, mask, plan.intensity_properties)
+    target = case_target_spacing(config, spacing_t)
+    shape = new_shape(cropped.shape[1:], spacing_t, target)
+    data = resample_image(data, shape, spacing_t, target)
+    if cropped_label is not None:
+        cropped_label = resample_label(cropped_label, shape, spacing_t, target, sorted(plan.labels)).astype(np.int8)
+    props = CaseProperties(case_id, list(image.shape[1:][i] for i in plan.transpose_backward), spacing_t,
+                           [list(b) for b in box], list(cropped.shape[1:]), list(shape))
     return data.astype(np.float32), cropped_label, props
 
 
@@ -56,15 +68,12 @@ def class_locations(label: np.ndarray, classes: list[int], seed: int = 1234) -> 
     return out
 
 
-def logits_to_original(logits: torch.Tensor, props: CaseProperties) -> torch.Tensor:
-    """(classes, *preprocessed shape) logits -> (classes, *original shape) on the input grid: resample back
-    to the cropped shape, then put the crop back; outside the crop is background."""
+def logits_to_original(logits: torch.Tensor, props: CaseProperties, plan: Plan) -> torch.Tensor:
+    """(classes, *preprocessed shape) logits -> (classes, z, y, x) on the input grid: resample back to the
+    cropped shape, put the crop back (outside it only background is possible), undo the transpose."""
     logits = resample_logits(logits, props.shape_after_crop)
-    full = torch.zeros((logits.shape[0], *props.original_shape), dtype=logits.dtype)
-    full[0] = 1.0  # outside the nonzero box only background is possible
+    transposed_shape = [props.original_shape[a] for a in plan.transpose]
+    full = torch.zeros((logits.shape[0], *transposed_shape), dtype=logits.dtype)
+    full[0] = 1.0
     full[(slice(None),) + tuple(slice(a, b) for a, b in props.box)] = logits
-    return full
-
-
-def crop_like(array: np.ndarray, props: CaseProperties) -> np.ndarray:
-    return crop(array, [tuple(b) for b in props.box])
+    return full.permute(0, *[a + 1 for a in plan.transpose_backward])

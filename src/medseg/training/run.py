@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from medseg.data.datamodule import SegmentationDataModule
+from medseg.errors import ConfigError
 from medseg.inference.predictor import Predictor, load_checkpoint
 from medseg.losses import create_loss
 from medseg.losses.registry import with_deep_supervision
@@ -24,6 +25,8 @@ from medseg.training.module import SegmentationModule
 from medseg.training.validation import validate_fold
 
 log = logging.getLogger(__name__)
+# 2d needs slice sampling and the cascade needs the low-resolution stage's predictions as input
+TRAINABLE = {"3d_fullres", "3d_lowres"}
 
 
 def _trainer_kwargs(cfg: DictConfig) -> dict:
@@ -52,6 +55,8 @@ def train_fold(cfg: DictConfig) -> dict:
     if cfg.overwrite:
         _set_aside(fold_dir)
 
+    if cfg.configuration not in TRAINABLE:
+        raise ConfigError(f"configuration={cfg.configuration} cannot be trained yet; trainable: {sorted(TRAINABLE)}")
     prepared = prepare(cfg, [cfg.configuration])
     plan, manifest = prepared.plan, prepared.manifest
     config = plan.configuration(cfg.configuration)

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Plan + preprocess (3d_fullres) of MSD Task04 Hippocampus: medseg-plan vs nnUNetv2_plan_and_preprocess, same
+# machine, same run, 2 processes each, from an empty output folder every time; prints each time, the medians and
+# the ratio. nnunetv2 2.8.1 runs from its own virtual environment ($NNUNET_VENV, created if missing).
+# Usage: benchmarks/plan_preprocess.sh [path/to/Task04_Hippocampus] [repeats]
+set -euo pipefail
+data=$(cd "${1:-../shared/data/Task04_Hippocampus}" && pwd)
+repeats=${2:-3}
+venv=${NNUNET_VENV:-/tmp/nnunet_venv}
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+if [ ! -x "$venv/bin/nnUNetv2_plan_and_preprocess" ]; then
+  python3.11 -m venv "$venv"
+  # one call, so that pip keeps the CPU torch wheel (a second call would let torchvision pull a CUDA torch)
+  "$venv/bin/pip" install -q torch==2.13.0 nnunetv2==2.8.1
+fi
+# nnU-Net raw layout of the same files (symlinks; the data folder is never written)
+raw="$work/raw/Dataset004_Hippocampus"
+mkdir -p "$raw/imagesTr" "$raw/labelsTr"
+for f in "$data"/imagesTr/*.nii.gz; do b=$(basename "$f" .nii.gz); ln -s "$f" "$raw/imagesTr/${b}_0000.nii.gz"; done
+for f in "$data"/labelsTr/*.nii.gz; do ln -s "$f" "$raw/labelsTr/$(basename "$f")"; done
+python3 - "$data/dataset.json" "$raw/dataset.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+json.dump({"channel_names": d["modality"], "labels": {v: int(k) for k, v in d["labels"].items()},
+           "numTraining": len(d["training"]), "file_ending": ".nii.gz"}, open(sys.argv[2], "w"))
+PY
+export nnUNet_raw="$work/raw" nnUNet_results="$work/results"
+seconds() { local t0=$(date +%s.%N); "$@" > "$work/last.log" 2>&1 || { cat "$work/last.log"; exit 1; }; echo "$(date +%s.%N) - $t0" | bc; }
+medseg_times=(); nnunet_times=()
+for i in $(seq "$repeats"); do
+  rm -rf "$work/pp_nnunet" "$work/pp_medseg"
+  export nnUNet_preprocessed="$work/pp_nnunet"
+  t=$(seconds "$venv/bin/nnUNetv2_plan_and_preprocess" -d 4 -c 3d_fullres -np 2 -npfp 2); nnunet_times+=("$t")
+  t=$(seconds medseg-plan data=msd data.root="$data" paths.preprocessed="$work/pp_medseg" num_processes=2 \
+        hydra.run.dir="$work/hydra"); medseg_times+=("$t")
+  echo "run $i: nnunetv2 ${nnunet_times[-1]} s, medseg ${medseg_times[-1]} s"
+done
+python3 - "${#medseg_times[@]}" "${medseg_times[@]}" "${nnunet_times[@]}" <<'PY'
+import statistics, sys
+n = int(sys.argv[1]); m = [float(x) for x in sys.argv[2:2 + n]]; u = [float(x) for x in sys.argv[2 + n:]]
+mm, mu = statistics.median(m), statistics.median(u)
+print(f"median: medseg {mm:.1f} s, nnunetv2 {mu:.1f} s; medseg/nnunetv2 = {mm / mu:.3f} ({mu / mm:.1f}x faster)")
+PY
