@@ -49,7 +49,7 @@ def test_overrides_are_used_and_recorded(hippo_fingerprint):
     plan = plan_dataset(fp, manifest.channel_names, manifest.labels, settings)
     c = plan.configuration("3d_fullres")
     assert c.patch_size == [32, 48, 32] and c.batch_size == 3 and c.features == [8, 16, 32, 64]
-    assert plan.overridden == ["patch_size", "batch_size"]
+    assert plan.overridden == ["base_features", "patch_size", "batch_size"]
     with pytest.raises(ConfigError, match="not divisible"):
         plan_dataset(fp, manifest.channel_names, manifest.labels, PlannerSettings(patch_size=[36, 48, 32]))
 

@@ -96,7 +96,9 @@ class PlannerSettings:
         return float(self.gpu_memory_gb if self.gpu_memory_gb is not None else PRESETS[self.preset].default_gb)
 
     def overridden(self) -> list[str]:
-        return [k for k in ("target_spacing", "patch_size", "batch_size") if getattr(self, k) is not None]
+        """Settings that differ from nnU-Net's defaults, recorded in the plan."""
+        default = PlannerSettings()
+        return [k for k in self.__dataclass_fields__ if getattr(self, k) != getattr(default, k)]
 
 
 @dataclass
@@ -295,22 +297,23 @@ def plan_dataset(fp: DatasetFingerprint, channel_names: list[str], labels: dict[
                                  encoder_blocks=blocks, decoder_convs=decoder_convs(preset.network, len(blocks)),
                                  normalization=schemes, use_mask_for_norm=use_mask, **p)
 
-    patch_override = [settings.patch_size[a] for a in transpose] if settings.patch_size is not None else None
-    fullres = config("3d_fullres", spacing_t, median_t, approx_voxels, patch_override=patch_override,
-                     batch_override=settings.batch_size)
     configurations = {"2d": config("2d", spacing_t[1:], median_t[1:], approx_voxels)}
-    lowres = _plan_lowres(spacing_t, median_t, fullres, len(fp.cases), config, why)
-    if lowres is not None:
-        lowres.batch_dice = False
-        lowres.next_stage = "3d_cascade_fullres"
-        configurations["3d_lowres"] = lowres
-        cascade = ConfigurationPlan(**{**vars(fullres), "name": "3d_cascade_fullres",
-                                       "previous_stage": "3d_lowres"})
-        configurations["3d_fullres"] = fullres
-        configurations["3d_cascade_fullres"] = cascade
+    if median_t[0] == 1:  # single-slice images: only the 2d configuration makes sense
+        why.append("3d_fullres: not planned, the median image has a single slice")
     else:
-        fullres.batch_dice = False
+        patch_override = [settings.patch_size[a] for a in transpose] if settings.patch_size is not None else None
+        fullres = config("3d_fullres", spacing_t, median_t, approx_voxels, patch_override=patch_override,
+                         batch_override=settings.batch_size)
+        lowres = _plan_lowres(spacing_t, median_t, fullres, len(fp.cases), config, why)
+        fullres.batch_dice = lowres is not None  # nnU-Net: batch Dice for fullres only within a cascade
+        if lowres is not None:
+            lowres.batch_dice = False
+            lowres.next_stage = "3d_cascade_fullres"
+            configurations["3d_lowres"] = lowres
         configurations["3d_fullres"] = fullres
+        if lowres is not None:
+            configurations["3d_cascade_fullres"] = ConfigurationPlan(
+                **{**vars(fullres), "name": "3d_cascade_fullres", "previous_stage": "3d_lowres"})
     return Plan(fp.dataset, list(channel_names), dict(labels), [vars(c) for c in fp.intensity], configurations,
                 transpose=transpose, planner=settings.preset, gpu_memory_gb=settings.gpu_gb,
                 overridden=settings.overridden(), explanations=why, fingerprint_key=fp.source_key)

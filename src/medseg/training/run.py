@@ -67,6 +67,8 @@ def train_fold(cfg: DictConfig) -> dict:
     model = create_model(cfg.model.name, config.spatial_dims, manifest.num_channels, manifest.num_classes,
                          plan=config, **model_kwargs)
     loss_kwargs = OmegaConf.to_container(cfg.loss, resolve=True)
+    if loss_kwargs.get("batch_dice", False) is None:
+        loss_kwargs["batch_dice"] = config.batch_dice
     heads = getattr(model, "heads", 0)
     loss = with_deep_supervision(create_loss(loss_kwargs.pop("name"), **loss_kwargs), heads + 1)
     extras = {"plan": plan.to_dict(), "configuration": config.name, "fold": fold,
