@@ -98,6 +98,12 @@ def test_predict_writes_input_geometry_and_never_into_the_input(trained_run, hip
         assert pred.shape == src.shape
         np.testing.assert_array_equal(pred.affine, src.affine)
         assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2}
+    # a second run skips the finished cases and leaves them untouched
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    again = _run("medseg-predict", f"ckpt_dir={run_dir}", f"input={inputs}", f"output={out}",
+                 "paths.output=outputs", cwd=work)
+    assert again.returncode == 0 and f"skipped {len(before)}" in again.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
     # into the input folder: refused before anything is written
     refused = _run("medseg-predict", f"ckpt_dir={run_dir}", f"input={inputs}", f"output={inputs / 'sub'}",
                    "paths.output=outputs", cwd=work)
