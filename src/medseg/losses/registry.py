@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 import torch.nn as nn
 from monai.losses import DeepSupervisionLoss, DiceCELoss
 
@@ -43,6 +44,13 @@ def deep_supervision_weights(num_outputs: int) -> list[float]:
     return [x / sum(w) for x in w]
 
 
+class _DeepSupervision(DeepSupervisionLoss):
+    def forward(self, input, target: torch.Tensor) -> torch.Tensor:
+        # MONAI resizes the target to lower outputs with nearest interpolation, which torch has for floats only
+        return super().forward(input, target.float())
+
+
 def with_deep_supervision(loss: nn.Module, num_outputs: int) -> nn.Module:
-    """MONAI's wrapper: weighted sum over a list of outputs (targets resized to each); a tensor passes through."""
-    return DeepSupervisionLoss(loss, weights=deep_supervision_weights(num_outputs))
+    """MONAI's wrapper: weighted sum over a list of outputs (the target resized to each by nearest neighbour);
+    a single tensor passes through."""
+    return _DeepSupervision(loss, weights=deep_supervision_weights(num_outputs))
