@@ -8,6 +8,8 @@ same plan, checked in tests/models/test_resenc_unet.py.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -51,6 +53,30 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.conv2(self.conv1(x)) + self.skip(x))
+
+
+def stage_tokens(patch_size, strides) -> list[int]:
+    """Spatial positions per encoder stage at this patch size (a strided 'same' conv gives ceil(n / s)); the
+    sequence models (Mamba, mLSTM) decide by it which stages they can afford."""
+    tokens, size = [], list(patch_size)
+    for stride in strides:
+        size = [math.ceil(n / s) for n, s in zip(size, stride)]
+        tokens.append(math.prod(size))
+    return tokens
+
+
+def sequence_stages(patch_size, strides, max_tokens: int) -> list[int]:
+    """Stages with at most ``max_tokens`` positions, and the bottleneck in every case."""
+    tokens = stage_tokens(patch_size, strides)
+    return [i for i, t in enumerate(tokens) if t <= max_tokens or i == len(tokens) - 1]
+
+
+def residual_blocks(plan: ConfigurationPlan) -> tuple[list[int], list[int]]:
+    """(encoder blocks, decoder convs) per stage: the plan's for a ResEnc plan, else ResEnc's counts on the plain
+    plan's topology."""
+    if plan.network == "resenc":
+        return list(plan.encoder_blocks), list(plan.decoder_convs)
+    return encoder_blocks("resenc", plan.num_stages), decoder_convs("resenc", plan.num_stages)
 
 
 class ResEncUNet(nn.Module):
@@ -101,9 +127,6 @@ def build_resenc_unet(spatial_dims: int, in_channels: int, out_channels: int, pl
                       deep_supervision: bool = True, **_) -> nn.Module:
     if plan is None:
         raise ConfigError("model 'resenc_unet' is built from a plan's topology; pass plan=")
-    if plan.network == "resenc":
-        blocks, decoder = plan.encoder_blocks, plan.decoder_convs
-    else:  # a plain-U-Net plan: ResEnc's block counts on the same topology
-        blocks, decoder = encoder_blocks("resenc", plan.num_stages), decoder_convs("resenc", plan.num_stages)
+    blocks, decoder = residual_blocks(plan)
     return ResEncUNet(spatial_dims, in_channels, out_channels, plan.features, plan.strides, plan.kernel_sizes,
                       blocks, decoder, deep_supervision)

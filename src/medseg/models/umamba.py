@@ -1,0 +1,133 @@
+"""U-Mamba (Ma, Li, Wang 2024, arXiv:2401.04722): the residual-encoder U-Net with Mamba state-space layers that
+give the convolutional encoder long-range context.
+
+Two variants, built from the plan exactly like ``resenc_unet`` (same stem, encoder, decoder and heads):
+
+- ``umamba_bot``: one Mamba layer after the last encoder stage (the bottleneck), where tokens are few.
+- ``umamba_enc``: a Mamba layer after every encoder stage, except stages whose token count at the plan's patch
+  size exceeds ``mamba_max_tokens`` (default 32768). The pure-PyTorch scan materialises (L, 2C, 16) states per
+  token, so the full- (and, for big 3D patches, half-) resolution stages would not fit in memory; the paper
+  applies the layer everywhere with its fused CUDA kernel. The rule depends only on the plan, never on the
+  device, so a checkpoint loads wherever it is used.
+
+Mamba layer: LayerNorm over channels, spatial dims flattened in raster order to a (B, L, C) token sequence, a
+Mamba block (d_state 16, d_conv 4, expand 2), reshaped back, residual add. The block runs on ``mamba_ssm``'s
+CUDA kernels when that package is importable and the input is on CUDA, else on ``mambapy``'s parallel scan.
+Both name their parameters identically (in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj), so one set of
+weights (owned by the mambapy block, hence one state dict) serves both backends.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn as nn
+from mambapy.mamba import MambaBlock, MambaConfig
+
+from medseg.errors import ConfigError
+from medseg.models.registry import register_model
+from medseg.models.resenc_unet import ResEncUNet, residual_blocks, sequence_stages
+from medseg.planning.plan import ConfigurationPlan
+
+D_STATE, D_CONV, EXPAND = 16, 4, 2  # U-Mamba's hyperparameters (also Mamba's defaults)
+DEFAULT_MAX_TOKENS = 32768
+
+# the submodules and parameters both implementations have, under the same names and shapes
+_SHARED = ("in_proj", "conv1d", "x_proj", "dt_proj", "A_log", "D", "out_proj")
+
+
+def mamba_ssm_available() -> bool:
+    return importlib.util.find_spec("mamba_ssm") is not None
+
+
+class MambaLayer(nn.Module):
+    """x + Mamba(LayerNorm(x)) over the flattened spatial tokens of a (B, C, *spatial) map."""
+
+    def __init__(self, channels: int, d_state: int = D_STATE, d_conv: int = D_CONV, expand: int = EXPAND):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+        # mambapy's Mamba wraps the block in its own RMSNorm and residual; the bare block is the equivalent of
+        # mamba_ssm.Mamba, so take that and keep the norm/residual here
+        self.mamba = MambaBlock(MambaConfig(d_model=channels, n_layers=1, d_state=d_state, d_conv=d_conv,
+                                            expand_factor=expand, pscan=True))
+        self.dims = (channels, d_state, d_conv, expand)
+        self.force_mambapy = False  # set True to run the pure-PyTorch scan on CUDA too (to compare backends)
+        # mamba_ssm's module is built on first CUDA use and kept out of the module tree (a list hides it), so
+        # the state dict and parameters() see the weights once
+        self._ssm: list[nn.Module] = []
+
+    def _use_mamba_ssm(self, x: torch.Tensor) -> bool:
+        return x.is_cuda and not self.force_mambapy and mamba_ssm_available()
+
+    @property
+    def backend(self) -> str:
+        """"mamba_ssm" or "mambapy": what forward would use for an input on this layer's parameters' device."""
+        return "mamba_ssm" if self._use_mamba_ssm(self.norm.weight) else "mambapy"
+
+    def _mamba_ssm_block(self) -> nn.Module:
+        if not self._ssm:
+            from mamba_ssm import Mamba
+
+            channels, d_state, d_conv, expand = self.dims
+            self._ssm.append(Mamba(d_model=channels, d_state=d_state, d_conv=d_conv, expand=expand))
+        ssm = self._ssm[0]
+        # rebind on every call: .to()/.cuda() may replace parameter objects, and this is cheap
+        for name in _SHARED:
+            setattr(ssm, name, getattr(self.mamba, name))
+        return ssm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, *spatial = x.shape
+        tokens = self.norm(x.flatten(2).transpose(1, 2))  # (B, L, C), raster order
+        if self._use_mamba_ssm(x):
+            y = self._mamba_ssm_block()(tokens)  # handles autocast itself
+        else:
+            # the scan multiplies L exponentials; half precision under/overflows, so run it in float32
+            with torch.autocast(x.device.type, enabled=False):
+                y = self.mamba(tokens.float()).to(x.dtype)
+        return x + y.transpose(1, 2).reshape(b, c, *spatial)
+
+
+class UMamba(ResEncUNet):
+    """ResEncUNet with a MambaLayer appended to the encoder stages listed in ``mamba_stages`` (the forward pass,
+    decoder and deep-supervision outputs are ResEncUNet's)."""
+
+    def __init__(self, dims: int, in_channels: int, out_channels: int, features: list[int], strides, kernels,
+                 encoder_blocks: list[int], decoder_convs: list[int], mamba_stages: list[int],
+                 deep_supervision: bool = True):
+        super().__init__(dims, in_channels, out_channels, features, strides, kernels, encoder_blocks,
+                         decoder_convs, deep_supervision)
+        self.mamba_stages = sorted(mamba_stages)
+        for i in self.mamba_stages:
+            self.encoder[i].append(MambaLayer(features[i]))
+
+    def mamba_layers(self) -> list[MambaLayer]:
+        return [m for m in self.modules() if isinstance(m, MambaLayer)]
+
+
+def _build(variant: str, spatial_dims: int, in_channels: int, out_channels: int, plan: ConfigurationPlan | None,
+           deep_supervision: bool, mamba_max_tokens: int) -> UMamba:
+    if plan is None:
+        raise ConfigError(f"model 'umamba_{variant}' is built from a plan's topology; pass plan=")
+    if plan.spatial_dims != spatial_dims:
+        raise ConfigError(f"plan {plan.name!r} is {plan.spatial_dims}D but spatial_dims={spatial_dims}")
+    blocks, decoder = residual_blocks(plan)
+    # the bottleneck always has a layer, so umamba_enc is never less than umamba_bot
+    stages = [plan.num_stages - 1] if variant == "bot" else sequence_stages(plan.patch_size, plan.strides,
+                                                                             mamba_max_tokens)
+    return UMamba(spatial_dims, in_channels, out_channels, plan.features, plan.strides, plan.kernel_sizes,
+                  blocks, decoder, stages, deep_supervision)
+
+
+@register_model("umamba_bot")
+def build_umamba_bot(spatial_dims: int, in_channels: int, out_channels: int, plan: ConfigurationPlan | None = None,
+                     deep_supervision: bool = True, **_) -> nn.Module:
+    return _build("bot", spatial_dims, in_channels, out_channels, plan, deep_supervision, 0)
+
+
+@register_model("umamba_enc")
+def build_umamba_enc(spatial_dims: int, in_channels: int, out_channels: int, plan: ConfigurationPlan | None = None,
+                     deep_supervision: bool = True, mamba_max_tokens: int = DEFAULT_MAX_TOKENS,
+                     **_) -> nn.Module:
+    return _build("enc", spatial_dims, in_channels, out_channels, plan, deep_supervision, mamba_max_tokens)
