@@ -17,6 +17,9 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[3] / "configs")
 def _register_resolvers() -> None:
     if not OmegaConf.has_resolver("basename"):
         OmegaConf.register_new_resolver("basename", lambda p: Path(str(p).rstrip("/")).name)
+    if not OmegaConf.has_resolver("config_suffix"):
+        # runs of other configurations than the default 3d_fullres get their own run directory
+        OmegaConf.register_new_resolver("config_suffix", lambda c: "" if c == "3d_fullres" else f"__{c}")
     if not OmegaConf.has_resolver("basename_noext"):
         OmegaConf.register_new_resolver("basename_noext", lambda p: Path(str(p)).name.split(".")[0])
 

@@ -81,8 +81,9 @@ class SegmentationDataModule(L.LightningDataModule):
                  num_workers: int = 0, max_val_cases: int | None = None,
                  augmentation: AugmentationSettings | None = None):
         super().__init__()
+        augmentation = augmentation or AugmentationSettings(mirror_axes=tuple(range(len(patch_size))))
         self.train_set = PatchBatches(cache, train_ids, patch_size, batch_size, iterations_per_epoch,
-                                      oversample_foreground, augmentation or AugmentationSettings())
+                                      oversample_foreground, augmentation)
         self.val_set = Volumes(cache, val_ids[:max_val_cases] if max_val_cases else val_ids)
         self.num_workers = num_workers
 

@@ -30,18 +30,23 @@ def patch_start(shape, patch, rng: np.random.Generator, center=None) -> list[int
 def sample_patch(data: np.ndarray, label: np.ndarray, locations: dict[int, np.ndarray], patch,
                  rng: np.random.Generator, force_foreground: bool):
     """One (image (c, *patch), label (*patch)) patch. Forced foreground: a class present in the case, chosen
-    uniformly, and a voxel of it as the patch centre; otherwise a uniformly random position."""
-    spatial = data.shape[1:]
-    pad = [max(0, int(p) - s) for p, s in zip(patch, spatial)]
-    offset = [q // 2 for q in pad]
-    data = pad_to(data, patch)
-    label = pad_to(label, patch)
+    uniformly, and a voxel of it as the patch centre; otherwise a uniformly random position. A 2D patch from a
+    3D volume (the 2d configuration) is taken from one slice along the first axis: the foreground voxel's
+    slice, or a random one."""
     center = None
     if force_foreground:
         present = [c for c, locs in locations.items() if len(locs)]
         if present:
             locs = locations[present[rng.integers(len(present))]]
-            center = locs[rng.integers(len(locs))] + np.asarray(offset)
-    start = patch_start(data.shape[1:], patch, rng, center)
+            center = np.asarray(locs[rng.integers(len(locs))])
+    if len(patch) == label.ndim - 1:
+        z = int(center[0]) if center is not None else int(rng.integers(label.shape[0]))
+        data, label = data[:, z], label[z]
+        center = center[1:] if center is not None else None
+    spatial = data.shape[1:]
+    offset = np.asarray([max(0, int(p) - s) // 2 for p, s in zip(patch, spatial)])
+    data = pad_to(data, patch)
+    label = pad_to(label, patch)
+    start = patch_start(data.shape[1:], patch, rng, None if center is None else center + offset)
     region = tuple(slice(a, a + int(p)) for a, p in zip(start, patch))
     return np.asarray(data[(slice(None),) + region]), np.asarray(label[region])

@@ -25,8 +25,8 @@ from medseg.training.module import SegmentationModule
 from medseg.training.validation import validate_fold
 
 log = logging.getLogger(__name__)
-# 2d needs slice sampling and the cascade needs the low-resolution stage's predictions as input
-TRAINABLE = {"3d_fullres", "3d_lowres"}
+# the cascade's fullres stage needs the low-resolution stage's predictions as input
+TRAINABLE = {"2d", "3d_fullres", "3d_lowres"}
 
 
 def _trainer_kwargs(cfg: DictConfig) -> dict:
