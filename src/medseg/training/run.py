@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -13,12 +14,15 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from medseg.atomic import write_json
 from medseg.data.datamodule import SegmentationDataModule
 from medseg.errors import ConfigError
 from medseg.inference.predictor import Predictor, load_checkpoint
 from medseg.losses import create_loss
 from medseg.losses.registry import with_deep_supervision
 from medseg.models import create_model
+from medseg.models.summary import summarize_model
+from medseg.models.transformer import adapt_patch, patch_multiple
 from medseg.prepare import prepare
 from medseg.training.callbacks import EpochSummary
 from medseg.training.module import SegmentationModule
@@ -45,6 +49,21 @@ def _set_aside(fold_dir: Path) -> None:
         log.warning("moved the previous %s to %s", fold_dir, target)
 
 
+def _adapt_patch_to_model(plan, config, model_name: str):
+    """Models with input constraints (SwinUNETR: multiples of 32) get the planned patch rounded up; the change
+    is recorded in the plan that the run and its checkpoints carry."""
+    multiple = patch_multiple(model_name)
+    adapted = adapt_patch(config.patch_size, multiple)
+    if adapted == config.patch_size:
+        return config
+    config = dataclasses.replace(config, patch_size=adapted)
+    plan.explanations.append(f"{config.name} patch: rounded up to multiples of {multiple} for model {model_name} "
+                             f"-> {adapted}")
+    plan.overridden.append(f"{config.name}.patch_size (model {model_name})")
+    plan.configurations[config.name] = config
+    return config
+
+
 def train_fold(cfg: DictConfig) -> dict:
     fold = int(cfg.fold)
     fold_dir = Path(cfg.run_dir) / f"fold_{fold}"
@@ -63,6 +82,7 @@ def train_fold(cfg: DictConfig) -> dict:
     train_ids, val_ids = manifest.split(fold)
     L.seed_everything(int(cfg.seed), workers=True)
 
+    config = _adapt_patch_to_model(plan, config, str(cfg.model.name))
     model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
     model = create_model(cfg.model.name, config.spatial_dims, manifest.num_channels, manifest.num_classes,
                          plan=config, **model_kwargs)
@@ -83,6 +103,9 @@ def train_fold(cfg: DictConfig) -> dict:
                                         cfg.validation.max_cases_per_epoch)
 
     fold_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarize_model(model, config.patch_size, manifest.num_channels)
+    log.info("model %s: %s", cfg.model.name, summary)
+    write_json(fold_dir / "model_summary.json", summary.to_dict())
     OmegaConf.save(cfg, fold_dir / "config.yaml", resolve=True)
     plan.save(fold_dir / "plan.json")
     ckpt_dir = fold_dir / "checkpoints"

@@ -1,0 +1,140 @@
+"""Transformer U-Nets from MONAI wrapped to medseg's model interface: SwinUNETR (Hatamizadeh et al. 2022) and
+UNETR (Hatamizadeh et al. 2021), 2D and 3D.
+
+Both constrain the patch size: SwinUNETR downsamples five times by 2 (patch embedding, then four patch mergings),
+so every spatial size must be divisible by 32; UNETR cuts the input into 16-voxel ViT patches and fixes its
+position embedding (``img_size``) at construction, so the patch must be divisible by 16 and equal to the input
+size at every call. ``PATCH_MULTIPLE`` records the multiple per model, ``adapt_patch`` rounds a planned patch up
+to it (the training pipeline does this before building), and the factories refuse an incompatible plan.
+
+Deep supervision: MONAI's networks return only full-resolution logits, so 1x1 conv heads are added on the
+decoder's outputs at 1/2 and 1/4 resolution, captured with forward hooks on the decoder blocks (see
+``_DecoderTaps``). Hooks rather than a copy of MONAI's ``forward`` body: MONAI's forward (its input-size check
+included) runs unchanged, and only the names of two decoder submodules are relied upon. The hooks are
+registered per training forward and removed after it, so the module holds no hook closures (deepcopy, pickling
+and eval are unaffected).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+from monai.networks.nets import UNETR, SwinUNETR
+
+from medseg.errors import ConfigError
+from medseg.models.registry import register_model
+from medseg.planning.plan import ConfigurationPlan
+
+# every spatial size of the patch must be a multiple of this (SwinUNETR: 2**5; UNETR: its ViT patch, 16)
+PATCH_MULTIPLE: dict[str, int] = {"swin_unetr": 32, "unetr": 16}
+
+# decoder submodules whose outputs are the feature maps at 1/2 and 1/4 resolution, finest first
+# SwinUNETR: decoder1 -> full, decoder2 -> 1/2 (feature_size ch), decoder3 -> 1/4 (2 * feature_size ch)
+# UNETR:     decoder2 -> full, decoder3 -> 1/2 (2 * feature_size ch), decoder4 -> 1/4 (4 * feature_size ch)
+_DS_TAPS = {"swin_unetr": (("decoder2", 1), ("decoder3", 2)), "unetr": (("decoder3", 2), ("decoder4", 4))}
+_CONV = {2: nn.Conv2d, 3: nn.Conv3d}
+
+
+def patch_multiple(name: str) -> int:
+    """The multiple every patch axis must be for model ``name`` (1 for models without a constraint)."""
+    return PATCH_MULTIPLE.get(name, 1)
+
+
+def adapt_patch(patch_size: Sequence[int], multiple: int) -> list[int]:
+    """Each axis of ``patch_size`` rounded up to a multiple of ``multiple`` (pure; the input is not modified)."""
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1, got {multiple}")
+    return [max(1, math.ceil(int(n) / multiple)) * multiple for n in patch_size]
+
+
+def check_patch(name: str, patch_size: Sequence[int]) -> None:
+    """Raise ConfigError unless every axis of ``patch_size`` is a multiple of the model's ``PATCH_MULTIPLE``."""
+    multiple = patch_multiple(name)
+    bad = [int(n) for n in patch_size if int(n) % multiple != 0]
+    if bad:
+        raise ConfigError(f"model {name!r} needs every patch size divisible by {multiple}; the plan's patch "
+                          f"{list(patch_size)} is not (try adapt_patch(patch, {multiple}) = "
+                          f"{adapt_patch(patch_size, multiple)})")
+
+
+class _DecoderTaps(nn.Module):
+    """A MONAI segmentation net plus 1x1 deep-supervision heads on chosen decoder blocks' outputs.
+
+    Forward hooks on those blocks, registered for the duration of one training forward, collect their outputs;
+    eval returns MONAI's logits, training with heads returns ``[full, 1/2, 1/4]`` logits, finest first.
+    """
+
+    def __init__(self, net: nn.Module, dims: int, out_channels: int, taps: Sequence[tuple[str, int]],
+                 feature_size: int, deep_supervision: bool):
+        super().__init__()
+        self.net = net
+        self.heads = len(taps) if deep_supervision else 0
+        self.tap_names = [name for name, _ in taps][: self.heads]
+        self.seg_heads = nn.ModuleList(_CONV[dims](feature_size * mult, out_channels, 1) for _, mult in
+                                       list(taps)[: self.heads])
+
+    def forward(self, x: torch.Tensor):
+        if not (self.training and self.heads > 0):
+            return self.net(x)
+        # hooks live for this call only: no state or closures on the module, so it deep-copies and pickles
+        captured: dict[str, torch.Tensor] = {}
+        handles = [getattr(self.net, name).register_forward_hook(
+            lambda _m, _i, out, name=name: captured.__setitem__(name, out)) for name in self.tap_names]
+        try:
+            logits = self.net(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return [logits] + [head(captured[name]) for head, name in zip(self.seg_heads, self.tap_names)]
+
+
+def _patch_from(name: str, spatial_dims: int, plan: ConfigurationPlan | None, required: bool) -> list[int] | None:
+    if plan is None:
+        if required:
+            raise ConfigError(f"model {name!r} fixes its input size at construction; pass plan=")
+        return None
+    if plan.spatial_dims != spatial_dims or len(plan.patch_size) != spatial_dims:
+        raise ConfigError(f"model {name!r}: spatial_dims={spatial_dims} but the plan {plan.name!r} has "
+                          f"spatial_dims={plan.spatial_dims} and patch {list(plan.patch_size)}")
+    patch = [int(n) for n in plan.patch_size]
+    check_patch(name, patch)
+    return patch
+
+
+@register_model("swin_unetr")
+def build_swin_unetr(spatial_dims: int, in_channels: int, out_channels: int, plan: ConfigurationPlan | None = None,
+                     deep_supervision: bool = True, feature_size: int = 48, depths: Sequence[int] = (2, 2, 2, 2),
+                     num_heads: Sequence[int] = (3, 6, 12, 24), window_size: int = 7, use_v2: bool = False,
+                     dropout_path_rate: float = 0.0, use_checkpoint: bool = False, **_) -> nn.Module:
+    """MONAI's SwinUNETR (feature_size 48 by default, the paper's and MONAI's BTCV tutorial's; must be a multiple
+    of 12). Works at any input size divisible by 32; with a plan, its patch is checked for that."""
+    if spatial_dims not in (2, 3):
+        raise ConfigError(f"model 'swin_unetr' is 2D or 3D, got spatial_dims={spatial_dims}")
+    if feature_size % 12 != 0:
+        raise ConfigError(f"model 'swin_unetr' needs feature_size divisible by 12, got {feature_size}")
+    _patch_from("swin_unetr", spatial_dims, plan, required=False)
+    net = SwinUNETR(in_channels=in_channels, out_channels=out_channels, feature_size=feature_size,
+                    depths=tuple(depths), num_heads=tuple(num_heads), window_size=window_size,
+                    norm_name="instance", dropout_path_rate=dropout_path_rate, use_checkpoint=use_checkpoint,
+                    spatial_dims=spatial_dims, use_v2=use_v2)
+    return _DecoderTaps(net, spatial_dims, out_channels, _DS_TAPS["swin_unetr"], feature_size, deep_supervision)
+
+
+@register_model("unetr")
+def build_unetr(spatial_dims: int, in_channels: int, out_channels: int, plan: ConfigurationPlan | None = None,
+                deep_supervision: bool = True, feature_size: int = 16, hidden_size: int = 768, mlp_dim: int = 3072,
+                num_heads: int = 12, dropout_rate: float = 0.0, **_) -> nn.Module:
+    """MONAI's UNETR (ViT-B: hidden 768, MLP 3072, 12 heads, 12 layers by default) with ``img_size`` = the plan's
+    patch, which must be divisible by 16; the model then accepts inputs of exactly that size."""
+    if spatial_dims not in (2, 3):
+        raise ConfigError(f"model 'unetr' is 2D or 3D, got spatial_dims={spatial_dims}")
+    if hidden_size % num_heads != 0:
+        raise ConfigError(f"model 'unetr' needs hidden_size ({hidden_size}) divisible by num_heads ({num_heads})")
+    patch = _patch_from("unetr", spatial_dims, plan, required=True)
+    net = UNETR(in_channels=in_channels, out_channels=out_channels, img_size=patch, feature_size=feature_size,
+                hidden_size=hidden_size, mlp_dim=mlp_dim, num_heads=num_heads, proj_type="conv",
+                norm_name="instance", res_block=True, dropout_rate=dropout_rate, spatial_dims=spatial_dims)
+    return _DecoderTaps(net, spatial_dims, out_channels, _DS_TAPS["unetr"], feature_size, deep_supervision)
