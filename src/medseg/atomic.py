@@ -27,6 +27,19 @@ def atomic_path(path: str | Path, suffix: str = ""):
         tmp.unlink(missing_ok=True)
 
 
+def file_signature(paths) -> str:
+    """Path, size and modification time of each file ('missing' for absent ones): what cache keys hash, so
+    an edited or replaced input invalidates what was derived from it."""
+    parts = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+            parts.append(f"{p}|{st.st_size}|{st.st_mtime_ns}")
+        except OSError:
+            parts.append(f"{p}|missing")
+    return "\n".join(parts)
+
+
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

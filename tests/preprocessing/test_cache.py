@@ -67,3 +67,19 @@ def test_preprocess_then_back_restores_the_input_grid(synthetic_root, target):
     assert back.shape == label.shape
     dice = 2 * ((back > 0) & (label > 0)).sum() / ((back > 0).sum() + (label > 0).sum())
     assert dice > 0.95
+
+
+def test_an_edited_input_redoes_only_its_case(synthetic_root, tmp_path):
+    manifest, plan = _plan(synthetic_root)
+    config = plan.configuration("3d_fullres")
+    cache = preprocess_dataset(manifest, plan, config, tmp_path / "cache", num_processes=1, progress=False)
+    stamps = {c.case_id: cache.paths(c.case_id)["properties"].stat().st_mtime_ns for c in manifest.cases}
+    edited = manifest.cases[3]
+    st = os.stat(edited.label)
+    os.utime(edited.label, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    try:
+        preprocess_dataset(manifest, plan, config, tmp_path / "cache", num_processes=1, progress=False)
+    finally:
+        os.utime(edited.label, ns=(st.st_atime_ns, st.st_mtime_ns))  # the dataset is shared by other tests
+    after = {c.case_id: cache.paths(c.case_id)["properties"].stat().st_mtime_ns for c in manifest.cases}
+    assert [c for c in stamps if after[c] != stamps[c]] == [edited.case_id]

@@ -71,7 +71,7 @@ class Volumes(Dataset):
         return len(self.case_ids)
 
     def __getitem__(self, index: int):
-        data, label, _ = self.cache.load_arrays(self.case_ids[index], mmap=False)
+        data, label = self.cache.load_volume(self.case_ids[index], mmap=False)
         return torch.from_numpy(data), torch.from_numpy(label.astype(np.int64))[None], self.case_ids[index]
 
 

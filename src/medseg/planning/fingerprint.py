@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -14,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from medseg.atomic import write_json
+from medseg.atomic import file_signature, write_json
 from medseg.data.io import read_image, read_label
 from medseg.data.manifest import Case, Manifest
 from medseg.errors import DatasetError
@@ -85,12 +84,7 @@ def source_key(manifest: Manifest) -> str:
     h = hashlib.sha1()
     h.update(json.dumps([manifest.channel_names, sorted(manifest.labels.items())]).encode())
     for case in sorted(manifest.cases, key=lambda c: c.case_id):
-        for p in case.images + ([case.label] if case.label else []):
-            try:
-                st = os.stat(p)
-                h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode())
-            except OSError:
-                h.update(f"{p}|missing".encode())
+        h.update(file_signature(case.images + ([case.label] if case.label else [])).encode())
     return h.hexdigest()
 
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from medseg.atomic import atomic_path, write_json
+from medseg.atomic import atomic_path, file_signature, write_json
 from medseg.data.io import read_image, read_label
 from medseg.data.manifest import Case, Manifest
 from medseg.planning.plan import ConfigurationPlan, Plan
@@ -24,11 +23,7 @@ from medseg.preprocessing.pipeline import class_locations, preprocess_image
 
 
 def case_key(case: Case, config_key: str) -> str:
-    h = hashlib.sha1(config_key.encode())
-    for p in case.images + [case.label]:
-        st = os.stat(p)
-        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode())
-    return h.hexdigest()
+    return hashlib.sha1((config_key + file_signature(case.images + [case.label])).encode()).hexdigest()
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
@@ -66,12 +61,15 @@ class PreprocessedCache:
     def load_properties(self, case_id: str) -> dict:
         return json.loads(self.paths(case_id)["properties"].read_text())
 
-    def load_arrays(self, case_id: str, mmap: bool = True):
+    def load_volume(self, case_id: str, mmap: bool = True) -> tuple[np.ndarray, np.ndarray]:
         p = self.paths(case_id)
         mode = "r" if mmap else None
-        data = np.load(p["image"], mmap_mode=mode)
-        label = np.load(p["label"], mmap_mode=mode)
-        with np.load(p["locations"]) as z:
+        return np.load(p["image"], mmap_mode=mode), np.load(p["label"], mmap_mode=mode)
+
+    def load_arrays(self, case_id: str, mmap: bool = True):
+        """(image, label, class locations) for patch sampling."""
+        data, label = self.load_volume(case_id, mmap)
+        with np.load(self.paths(case_id)["locations"]) as z:
             locations = {int(k): z[k] for k in z.files}
         return data, label, locations
 
