@@ -13,7 +13,7 @@ def test_experiments_compose_and_resolve(experiment):
     cfg = compose("train", [f"experiment={experiment}", "data.root=/some/Task09_Spleen"])
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert resolved["run_dir"].endswith(f"{resolved['data']['name']}/unet__dice_ce")
-    assert resolved["scheduler"]["total_iters"] == resolved["trainer"]["max_epochs"]
+    assert resolved["scheduler"]["total_epochs"] == resolved["trainer"]["max_epochs"]
 
 
 def test_msd_dataset_name_comes_from_its_folder():

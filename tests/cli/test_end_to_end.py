@@ -38,7 +38,7 @@ def hippo_subset(hippocampus, tmp_path_factory):
 def trained_run(hippocampus, hippo_subset, tmp_path_factory):
     work = tmp_path_factory.mktemp("work")
     args = ["data=manifest", f"data.path={hippo_subset}", f"data.root={hippocampus}", "debug=fast", "fold=0",
-            "trainer.max_epochs=4", "sampling.iterations_per_epoch=6", "++trainer.enable_progress_bar=false",
+            "trainer.max_epochs=4", "sampling.iterations_per_epoch=6", "callbacks.progress=plain",
             "paths.output=outputs", "paths.preprocessed=outputs/preprocessed"]
     result = _run("medseg-train", *args, cwd=work)
     assert result.returncode == 0, result.stderr[-4000:]

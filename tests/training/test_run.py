@@ -20,7 +20,7 @@ def test_the_2d_configuration_trains_and_validates_in_original_geometry(tmp_path
     import nibabel as nib
 
     exe = Path(sys.executable).with_name("medseg-train")
-    result = subprocess.run([str(exe), "debug=fast", "configuration=2d", "++trainer.enable_progress_bar=false",
+    result = subprocess.run([str(exe), "debug=fast", "configuration=2d", "callbacks.progress=plain",
                              f"paths.data={tmp_path / 'data'}"], cwd=tmp_path, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

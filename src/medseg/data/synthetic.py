@@ -79,7 +79,12 @@ def generate_synthetic_dataset(root: str | Path, num_train: int = 24, num_test: 
                 "numTraining": num_train, "numTest": num_test, "training": training,
                 "test": [f"./imagesTs/synthetic_{i:03d}.nii.gz" for i in range(num_train, num_train + num_test)]}
         (tmp / "dataset.json").write_text(json.dumps(meta, indent=1))
-        tmp.replace(root)
+        try:
+            tmp.replace(root)
+        except OSError:
+            # another process (a parallel fold job) finished first; the data is seeded, so identical
+            if not (root / "dataset.json").is_file():
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-from monai.losses import DeepSupervisionLoss, DiceCELoss
+from monai.losses import DeepSupervisionLoss, DiceCELoss, DiceLoss, FocalLoss, TverskyLoss
 
 from medseg.errors import ConfigError
 
@@ -36,6 +36,62 @@ def dice_ce(lambda_dice: float = 1.0, lambda_ce: float = 1.0, smooth: float = 1e
     # background excluded from Dice (not from CE), as nnU-Net
     return DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=batch_dice,
                       smooth_nr=smooth, smooth_dr=smooth, lambda_dice=lambda_dice, lambda_ce=lambda_ce)
+
+
+@register_loss("dice")
+def dice(smooth: float = 1e-5, batch_dice: bool = True, **_) -> nn.Module:
+    return DiceLoss(include_background=False, to_onehot_y=True, softmax=True, batch=batch_dice,
+                    smooth_nr=smooth, smooth_dr=smooth)
+
+
+class CrossEntropy(nn.CrossEntropyLoss):
+    """torch's cross-entropy on integer labels shaped (B, 1, ...), as the other losses take them."""
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if target.ndim == input.ndim:
+            target = target.squeeze(1)
+        # long again: deep supervision hands the target over as float (resized by nearest neighbour)
+        return super().forward(input, target.long())
+
+
+@register_loss("ce")
+def ce(**_) -> nn.Module:
+    return CrossEntropy()
+
+
+@register_loss("focal")
+def focal(gamma: float = 2.0, **_) -> nn.Module:
+    # a cross-entropy-type term: background included, as the CE in dice_ce
+    return FocalLoss(include_background=True, to_onehot_y=True, gamma=gamma, use_softmax=True)
+
+
+@register_loss("tversky")
+def tversky(alpha: float = 0.3, beta: float = 0.7, smooth: float = 1e-5, batch_dice: bool = True,
+            **_) -> nn.Module:
+    # alpha weighs false positives, beta false negatives: beta > alpha favours recall on small structures
+    return TverskyLoss(include_background=False, to_onehot_y=True, softmax=True, alpha=alpha, beta=beta,
+                       batch=batch_dice, smooth_nr=smooth, smooth_dr=smooth)
+
+
+class DiceFocal(nn.Module):
+    """lambda_dice * Dice (background excluded) + lambda_focal * softmax focal loss (background included).
+
+    Not MONAI's DiceFocalLoss: its focal term is the sigmoid one (it passes no use_softmax) and shares the Dice
+    term's include_background."""
+
+    def __init__(self, dice: nn.Module, focal: nn.Module, lambda_dice: float = 1.0, lambda_focal: float = 1.0):
+        super().__init__()
+        self.dice, self.focal = dice, focal
+        self.lambda_dice, self.lambda_focal = lambda_dice, lambda_focal
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.lambda_dice * self.dice(input, target) + self.lambda_focal * self.focal(input, target)
+
+
+@register_loss("dice_focal")
+def dice_focal(lambda_dice: float = 1.0, lambda_focal: float = 1.0, gamma: float = 2.0, smooth: float = 1e-5,
+               batch_dice: bool = True, **_) -> nn.Module:
+    return DiceFocal(dice(smooth=smooth, batch_dice=batch_dice), focal(gamma=gamma), lambda_dice, lambda_focal)
 
 
 def deep_supervision_weights(num_outputs: int) -> list[float]:

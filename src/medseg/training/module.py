@@ -52,9 +52,14 @@ class SegmentationModule(L.LightningModule):
             self._val_counts[0, c - 1] += (p & r).sum().item()
             self._val_counts[1, c - 1] += (p & ~r).sum().item()
             self._val_counts[2, c - 1] += (~p & r).sum().item()
+        return {"pred": pred}  # for callbacks (TensorBoard overlays)
 
     def on_validation_epoch_end(self):
-        tp, fp, fn = self._val_counts
+        counts = self._val_counts
+        if self.trainer.world_size > 1:
+            # DDP: each rank validated its share of the cases; Dice needs the counts of all of them
+            counts = self.trainer.strategy.reduce(counts.to(self.device), reduce_op="sum").cpu()
+        tp, fp, fn = counts
         dice = (2 * tp / (2 * tp + fp + fn).clamp_min(1)).float()
         for c, d in enumerate(dice, start=1):
             self.log(f"val/dice_class{c}", d)
@@ -66,6 +71,13 @@ class SegmentationModule(L.LightningModule):
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer),
                                                          "interval": "epoch"}}
+
+    def on_train_start(self):
+        # a finished run extended to more epochs: its restored schedule must use the new horizon
+        from medseg.training.schedules import set_total_epochs
+
+        for config in self.trainer.lr_scheduler_configs:
+            set_total_epochs(config.scheduler, self.trainer.max_epochs)
 
     def on_train_epoch_end(self):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from medseg.atomic import write_json
+from medseg.data.augmentation import nnunet_settings
 from medseg.data.datamodule import SegmentationDataModule
 from medseg.errors import ConfigError
 from medseg.inference.predictor import Predictor, load_checkpoint
@@ -24,7 +26,8 @@ from medseg.models import create_model
 from medseg.models.summary import summarize_model
 from medseg.models.transformer import adapt_patch, patch_multiple
 from medseg.prepare import prepare
-from medseg.training.callbacks import EpochSummary
+from medseg.training.callbacks import build_callbacks
+from medseg.training.checkpoint_io import AtomicCheckpointIO
 from medseg.training.module import SegmentationModule
 from medseg.training.validation import validate_fold
 
@@ -33,12 +36,66 @@ log = logging.getLogger(__name__)
 TRAINABLE = {"2d", "3d_fullres", "3d_lowres"}
 
 
+def _on_gpu(cfg: DictConfig) -> bool:
+    return torch.cuda.is_available() and cfg.trainer.get("accelerator") in ("auto", "gpu", "cuda")
+
+
 def _trainer_kwargs(cfg: DictConfig) -> dict:
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if kwargs.get("precision") is None:
-        on_gpu = torch.cuda.is_available() and kwargs.get("accelerator") in ("auto", "gpu", "cuda")
-        kwargs["precision"] = "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
+        kwargs["precision"] = "bf16-mixed" if _on_gpu(cfg) and torch.cuda.is_bf16_supported() else "32-true"
+    if kwargs.get("deterministic"):
+        kwargs["benchmark"] = False  # cuDNN autotuning picks algorithms by timing, which is not reproducible
     return kwargs
+
+
+def _num_workers(cfg: DictConfig) -> int:
+    """null: none on CPU (the cores are busy training), up to 12 loader processes beside a GPU."""
+    if cfg.sampling.num_workers is not None:
+        return int(cfg.sampling.num_workers)
+    # the CPUs this process may use (a SLURM allocation), not all of the node's
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(12, max(0, cpus - 2)) if _on_gpu(cfg) else 0
+
+
+def _augmentation(cfg: DictConfig, patch_size):
+    aug = cfg.get("augmentation")
+    if aug is None or not aug.enabled:
+        return None, False
+    overrides = {k: tuple(v) if isinstance(v, list) else v
+                 for k, v in OmegaConf.to_container(aug, resolve=True).items() if k not in ("enabled", "run_on")}
+    settings = nnunet_settings(list(patch_size), **overrides)
+    run_on = aug.get("run_on", "auto")
+    if run_on not in ("auto", "device", "loader"):
+        raise ConfigError(f"augmentation.run_on={run_on!r}: expected auto, device or loader")
+    return settings, run_on == "device" or (run_on == "auto" and _on_gpu(cfg))
+
+
+def _mirror_axes(value, augmentation, spatial_dims: int):
+    if value == "all":
+        return augmentation.mirror_axes if augmentation is not None else tuple(range(spatial_dims))
+    return tuple(value) if value else None
+
+
+def _is_first_process() -> bool:
+    """False in the extra processes of a multi-process (DDP) run, which start this same job again: only the
+    first may move earlier results aside."""
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if var in os.environ:
+            return int(os.environ[var]) == 0
+    return True
+
+
+def _trained_epochs(metrics: dict) -> int | None:
+    return metrics.get("epochs")
+
+
+def _set_aside_validation(fold_dir: Path, epochs: int) -> None:
+    """Extending a finished fold keeps the earlier fold's results under names carrying its epoch count."""
+    for name in ("metrics.json", "validation"):
+        path = fold_dir / name
+        if path.exists():
+            path.rename(fold_dir / f"{path.stem}.epochs{epochs}{path.suffix}")
 
 
 def _set_aside(fold_dir: Path) -> None:
@@ -68,10 +125,19 @@ def train_fold(cfg: DictConfig) -> dict:
     fold = int(cfg.fold)
     fold_dir = Path(cfg.run_dir) / f"fold_{fold}"
     metrics_path = fold_dir / "metrics.json"
+    max_epochs = int(cfg.trainer.max_epochs)
     if metrics_path.is_file() and not cfg.overwrite:
-        log.info("%s is finished (metrics.json exists); nothing to do (overwrite=true retrains)", fold_dir)
-        return json.loads(metrics_path.read_text())
-    if cfg.overwrite:
+        finished = json.loads(metrics_path.read_text())
+        epochs = _trained_epochs(finished)
+        if not (cfg.get("extend") and epochs is not None and max_epochs > epochs):
+            hint = (f"; extend=true continues it to {max_epochs} epochs" if epochs is not None and max_epochs > epochs
+                    else "")
+            log.info("%s is finished (metrics.json exists); nothing to do (overwrite=true retrains%s)", fold_dir, hint)
+            return finished
+        log.info("extending %s from %d to %d epochs", fold_dir, epochs, max_epochs)
+        if _is_first_process():
+            _set_aside_validation(fold_dir, epochs)
+    if cfg.overwrite and _is_first_process():
         _set_aside(fold_dir)
 
     if cfg.configuration not in TRAINABLE:
@@ -97,23 +163,33 @@ def train_fold(cfg: DictConfig) -> dict:
                                 instantiate(cfg.scheduler) if cfg.get("scheduler") else None, extras,
                                 val_overlap=float(cfg.validation.overlap))
     batch_size = int(cfg.sampling.batch_size or config.batch_size)
+    augmentation, augment_on_device = _augmentation(cfg, config.patch_size)
     datamodule = SegmentationDataModule(prepared.cache(config.name), train_ids, val_ids, config.patch_size,
                                         batch_size, cfg.sampling.iterations_per_epoch,
-                                        cfg.sampling.oversample_foreground, cfg.sampling.num_workers,
-                                        cfg.validation.max_cases_per_epoch)
+                                        cfg.sampling.oversample_foreground, _num_workers(cfg),
+                                        cfg.validation.max_cases_per_epoch, augmentation, augment_on_device)
 
     fold_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize_model(model, config.patch_size, manifest.num_channels)
     log.info("model %s: %s", cfg.model.name, summary)
     write_json(fold_dir / "model_summary.json", summary.to_dict())
+    if cfg.get("compile"):
+        model.compile()  # in place: parameter names, and so checkpoints, stay those of the plain model
     OmegaConf.save(cfg, fold_dir / "config.yaml", resolve=True)
     plan.save(fold_dir / "plan.json")
     ckpt_dir = fold_dir / "checkpoints"
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", auto_insert_metric_name=False,
-                                 enable_version_counter=False, save_top_k=1,
-                                 **OmegaConf.to_container(cfg.callbacks.checkpoint, resolve=True))
-    trainer = L.Trainer(logger=instantiate(cfg.logger), callbacks=[checkpoint, EpochSummary()], default_root_dir=str(fold_dir),
-                        **_trainer_kwargs(cfg))
+    best_kwargs = OmegaConf.to_container(cfg.callbacks.checkpoint, resolve=True)
+    best_kwargs.pop("save_last", None)
+    # two callbacks: Lightning's save_last only copies when a top-k checkpoint is written, so a run whose
+    # score stopped improving would otherwise resume from (and validate) an old epoch
+    best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", auto_insert_metric_name=False,
+                           enable_version_counter=False, save_top_k=1, **best_kwargs)
+    latest = ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
+                             enable_version_counter=False)
+    callbacks, progress_bar = build_callbacks(cfg.callbacks)
+    trainer = L.Trainer(logger=instantiate(cfg.logger), callbacks=[best, latest, *callbacks],
+                        enable_progress_bar=progress_bar, default_root_dir=str(fold_dir),
+                        plugins=[AtomicCheckpointIO()], **_trainer_kwargs(cfg))
     last = ckpt_dir / "last.ckpt"
     resume_from = str(last) if cfg.resume and last.is_file() else None
     if resume_from:
@@ -122,14 +198,17 @@ def train_fold(cfg: DictConfig) -> dict:
              len(val_ids), config.patch_size, batch_size)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
 
-    if not cfg.validation.final:
+    if not cfg.validation.final or not trainer.is_global_zero:
         return {}
-    best = ckpt_dir / "best.ckpt"
+    # the final weights by default, as nnU-Net: "best" is chosen on these same held-out cases, so scoring it
+    # on them again would flatter the cross-validation result
+    chosen = ckpt_dir / f"{cfg.validation.checkpoint}.ckpt"
     device = next(module.parameters()).device
-    trained = load_checkpoint(best if best.is_file() else last, device)
+    trained = load_checkpoint(chosen if chosen.is_file() else last, device)
     predictor = Predictor([trained], overlap=float(cfg.validation.overlap),
-                          mirror_axes=tuple(cfg.validation.mirror_axes) if cfg.validation.mirror_axes else None,
+                          mirror_axes=_mirror_axes(cfg.validation.mirror_axes, augmentation, config.spatial_dims),
                           device=device)
-    metrics = validate_fold(predictor, manifest, val_ids, fold_dir, fold)
+    metrics = validate_fold(predictor, manifest, val_ids, fold_dir, fold,
+                            extra={"epochs": trainer.current_epoch, "checkpoint": trained.source})
     log.info("fold %d validation: mean Dice %.4f %s", fold, metrics["dice_mean"], metrics["dice"])
     return metrics

@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 
 def validate_fold(predictor: Predictor, manifest: Manifest, case_ids: list[str], fold_dir: Path,
-                  fold: int, progress: bool = True) -> dict:
+                  fold: int, progress: bool = True, extra: dict | None = None) -> dict:
     """Writes fold_dir/validation/<case>.nii.gz, validation/per_case.csv and metrics.json; returns metrics."""
     names = {c: n for c, n in manifest.labels.items() if c != 0}
     rows = []
@@ -30,6 +30,6 @@ def validate_fold(predictor: Predictor, manifest: Manifest, case_ids: list[str],
         dice = dice_per_class(pred, reference, sorted(names))
         rows.append({"case_id": case_id, "fold": fold, **{f"dice_{names[c]}": d for c, d in dice.items()}})
     write_case_csv(rows, fold_dir / "validation" / "per_case.csv")
-    metrics = {"fold": fold, **summarize(rows, names)}
+    metrics = {"fold": fold, **(extra or {}), **summarize(rows, names)}
     write_json(fold_dir / "metrics.json", metrics)
     return metrics
