@@ -1,10 +1,11 @@
-"""medseg-predict: label maps for a folder of images with one checkpoint or a fold ensemble."""
+"""medseg-predict: label maps (and optionally class probabilities) for a folder or a list of images with one
+checkpoint or a fold ensemble."""
 
 import logging
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from medseg.cli.common import CONFIG_DIR, friendly_errors
 
@@ -16,9 +17,12 @@ log = logging.getLogger(__name__)
 def main(cfg: DictConfig) -> None:
     from medseg.inference.batch import predict_folder
 
-    summary = predict_folder(Path(cfg.ckpt_dir), Path(cfg.input), Path(cfg.output), checkpoint=cfg.checkpoint,
-                             overlap=float(cfg.overlap), mirror_axes=cfg.mirror_axes, overwrite=bool(cfg.overwrite),
-                             device=str(cfg.device), sw_batch_size=int(cfg.sw_batch_size))
+    mirror_axes = OmegaConf.to_container(cfg.mirror_axes) if OmegaConf.is_list(cfg.mirror_axes) else cfg.mirror_axes
+    summary = predict_folder(Path(cfg.ckpt_dir), Path(cfg.input), Path(cfg.output), checkpoint=str(cfg.checkpoint),
+                             overlap=float(cfg.overlap), mirror_axes=mirror_axes, overwrite=bool(cfg.overwrite),
+                             device=str(cfg.device), sw_batch_size=cfg.sw_batch_size,
+                             save_probabilities=bool(cfg.save_probabilities), background_io=bool(cfg.background_io),
+                             postprocessing=bool(cfg.postprocessing))
     print(summary.report())
     if summary.failed:
         raise SystemExit(1)

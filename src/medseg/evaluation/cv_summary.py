@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.errors import MedsegError
+from medseg.evaluation.metrics import METRICS, metric_stats
 
 
 def _read_rows(fold_dir: Path) -> list[dict]:
@@ -17,27 +18,48 @@ def _read_rows(fold_dir: Path) -> list[dict]:
 
 
 def _stats(values: list[float]) -> tuple[float, float, int]:
-    v = [x for x in values if not math.isnan(x)]
-    return (float(np.mean(v)), float(np.std(v)), len(v)) if v else (float("nan"), float("nan"), 0)
+    s = metric_stats(values)
+    return s["mean"], s["std"], s["n"]
+
+
+def _nanmean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def _metric_columns(rows: list[dict]) -> dict[str, list[str]]:
+    """Class columns per metric (``dice_<name>``, ``hd95_<name>``, ``nsd_<name>``), in file order, over all
+    rows: folds validated before a metric existed simply lack its columns."""
+    seen = list(dict.fromkeys(k for r in rows for k in r))
+    columns = {m: [k for k in seen if k.startswith(f"{m}_")] for m in METRICS}
+    return {m: cols for m, cols in columns.items() if cols}
+
+
+def _value(row: dict, column: str) -> float:
+    v = row.get(column)
+    return float(v) if v not in (None, "") else float("nan")
 
 
 def summarize_run(run_dir: Path) -> list[dict]:
-    """Rows (run, fold or 'all', class, mean, std, n) for one <model>__<loss> run dir."""
+    """Rows (run, fold or 'all', metric, mean, std, n) for one <model>__<loss> run dir: each class column of
+    each metric, then ``<metric>_mean``, the per-case mean over classes (NaNs skipped) summarised over cases."""
     folds = sorted(d for d in run_dir.glob("fold_*") if (d / "metrics.json").is_file()
                    and (d / "validation" / "per_case.csv").is_file())
     rows_by_fold = {d.name: _read_rows(d) for d in folds}
     all_rows = [r for rows in rows_by_fold.values() for r in rows]
     if not all_rows:
         return []
-    classes = [k for k in all_rows[0] if k.startswith("dice_")]
+    columns = _metric_columns(all_rows)
     out = []
     for scope, rows in [("all", all_rows), *rows_by_fold.items()]:
-        for c in classes:
-            mean, std, n = _stats([float(r[c]) for r in rows])
-            out.append({"run": run_dir.name, "fold": scope, "metric": c, "mean": mean, "std": std, "n": n})
-        per_case_mean = [np.nanmean([float(r[c]) for c in classes]) for r in rows]
-        mean, std, n = _stats(per_case_mean)
-        out.append({"run": run_dir.name, "fold": scope, "metric": "dice_mean", "mean": mean, "std": std, "n": n})
+        for metric, cols in columns.items():
+            for c in cols:
+                mean, std, n = _stats([_value(r, c) for r in rows])
+                out.append({"run": run_dir.name, "fold": scope, "metric": c, "mean": mean, "std": std, "n": n})
+            per_case_mean = [_nanmean([_value(r, c) for c in cols]) for r in rows]
+            mean, std, n = _stats(per_case_mean)
+            out.append({"run": run_dir.name, "fold": scope, "metric": f"{metric}_mean", "mean": mean, "std": std,
+                        "n": n})
     return out
 
 

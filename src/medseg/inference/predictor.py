@@ -1,4 +1,10 @@
-"""Predict label maps for images on their own grid, from one checkpoint or an ensemble of fold checkpoints."""
+"""Predict label maps for images on their own grid, from one checkpoint or an ensemble of fold checkpoints.
+
+Prediction of a case is three steps so that a batch can overlap them (medseg.inference.batch):
+``prepare`` (preprocessing, CPU), ``infer`` (sliding-window model, the compute device) and ``finish``
+(logits back onto the input grid, argmax, optional probabilities; CPU, slab by slab so the full-resolution
+float32 logits of a large volume never exist at once).
+"""
 
 from __future__ import annotations
 
@@ -10,15 +16,23 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from medseg.atomic import atomic_path
 from medseg.data.io import image_suffix, read_image, strip_suffix, write_label
 from medseg.errors import MedsegError
 from medseg.models import create_model
 from medseg.planning.plan import ConfigurationPlan, Plan
-from medseg.preprocessing.pipeline import logits_to_original, preprocess_image
+from medseg.preprocessing.pipeline import CaseProperties, preprocess_image
 from medseg.inference.sliding_window import predict_logits
 
 log = logging.getLogger(__name__)
+
+# logits are held in half precision between infer and finish (as nnU-Net aggregates them): half the memory
+# while the next case is predicted; argmax can only change where two classes tie to ~1e-3
+LOGIT_DTYPE = torch.float16
+# float32 working memory of one output slab in finish
+SLAB_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -50,8 +64,10 @@ def load_checkpoint(path: str | Path, device: torch.device) -> TrainedModel:
     return TrainedModel(model, plan, config, str(path))
 
 
-def find_checkpoints(ckpt_dir: str | Path, which: str = "best") -> list[Path]:
-    """A fold dir gives its checkpoint; a run dir gives one per fold_* below it (the fold ensemble)."""
+def find_checkpoints(ckpt_dir: str | Path, which: str = "last") -> list[Path]:
+    """A fold dir gives its checkpoint; a run dir gives one per fold_* below it (the fold ensemble).
+    ``last`` (the default) are the final weights, the ones training validated, as nnU-Net; ``best`` falls
+    back to ``last`` in a fold that has none."""
     ckpt_dir = Path(ckpt_dir)
     fold_dirs = [ckpt_dir] if (ckpt_dir / "checkpoints").is_dir() else sorted(ckpt_dir.glob("fold_*"))
     found = []
@@ -65,11 +81,55 @@ def find_checkpoints(ckpt_dir: str | Path, which: str = "best") -> list[Path]:
     return found
 
 
+def resolve_mirror_axes(value, spatial_dims: int) -> tuple[int, ...] | None:
+    """``"all"``: every spatial axis of the configuration; None or []: no mirroring; a list: those axes
+    (planning order, as the model sees the volume). Axes a 2D model lacks are left out."""
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+        return None
+    if isinstance(value, str):
+        if value != "all":
+            raise MedsegError(f"mirror_axes={value!r}: expected 'all', null or a list of axes")
+        return tuple(range(spatial_dims))
+    axes = tuple(int(a) for a in value)
+    bad = [a for a in axes if not 0 <= a < 3]
+    if bad:
+        raise MedsegError(f"mirror_axes={list(axes)}: axes must be 0, 1 or 2")
+    kept = tuple(a for a in dict.fromkeys(axes) if a < spatial_dims)
+    return kept or None
+
+
+@dataclass
+class PreparedGroup:
+    """One preprocessed copy of a case, shared by the ensemble members with the same preprocessing."""
+
+    models: list[TrainedModel]
+    data: torch.Tensor | None  # (c, *preprocessed shape); None once released
+    props: CaseProperties
+
+
+@dataclass
+class Prepared:
+    groups: list[PreparedGroup]
+    shape: tuple[int, ...]  # the input grid, array (z, y, x) order
+
+    def release(self) -> None:
+        """Drop the preprocessed images (finish needs only the properties) while the case waits to be written."""
+        for g in self.groups:
+            g.data = None
+
+
+@dataclass
+class Prediction:
+    label: np.ndarray  # (z, y, x) int16 label values on the input grid
+    labels: np.ndarray  # the label value of each class channel, ascending
+    probabilities: np.ndarray | None = None  # float16 (classes, z, y, x) softmax on the input grid
+
+
 @dataclass
 class Predictor:
     models: list[TrainedModel]
     overlap: float = 0.5
-    mirror_axes: tuple[int, ...] | None = None
+    mirror_axes: str | tuple[int, ...] | None = None  # "all", None or axes; resolved per model's configuration
     sw_batch_size: int = 4
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
@@ -79,36 +139,145 @@ class Predictor:
             if m.plan.labels != first.labels or m.plan.channel_names != first.channel_names:
                 raise MedsegError(f"{m.source}: labels or channels differ from {self.models[0].source}; "
                                   "an ensemble must share them")
+        self._mirror = {id(m): resolve_mirror_axes(self.mirror_axes, m.config.spatial_dims) for m in self.models}
+        self._groups: dict[str, list[TrainedModel]] = {}
+        for m in self.models:  # models sharing preprocessing share one preprocessed copy
+            self._groups.setdefault(m.plan.preprocessing_key(m.config.name), []).append(m)
 
     @property
     def plan(self) -> Plan:
         return self.models[0].plan
 
-    def predict_logits(self, image: np.ndarray, spacing) -> torch.Tensor:
-        """(c, *shape) image on its own grid -> (classes, *shape) mean logits on the same grid."""
+    @property
+    def label_values(self) -> np.ndarray:
+        return np.asarray(sorted(self.plan.labels), dtype=np.int16)
+
+    def prepare(self, image: np.ndarray, spacing) -> Prepared:
+        """(c, z, y, x) image on its own grid -> preprocessed copies, one per preprocessing in the ensemble."""
         if image.shape[0] != len(self.plan.channel_names):
             raise MedsegError(f"image has {image.shape[0]} channel(s), the model expects "
                               f"{len(self.plan.channel_names)} ({self.plan.channel_names})")
-        groups: dict[str, list[TrainedModel]] = {}
-        for m in self.models:  # models sharing preprocessing share one preprocessed copy
-            groups.setdefault(m.plan.preprocessing_key(m.config.name), []).append(m)
-        total = None
-        for members in groups.values():
+        groups = []
+        for members in self._groups.values():
             data, _, props = preprocess_image(image, spacing, members[0].plan, members[0].config)
-            x = torch.from_numpy(data)
-            summed = sum(predict_logits(m.model, x, m.config.patch_size, self.overlap, self.mirror_axes,
-                                        self.sw_batch_size, self.device).cpu() for m in members)
-            full = logits_to_original(summed, props, members[0].plan)
-            total = full if total is None else total + full
-        return total / len(self.models)
+            groups.append(PreparedGroup(members, torch.from_numpy(data), props))
+        return Prepared(groups, tuple(int(s) for s in image.shape[1:]))
+
+    def infer(self, prepared: Prepared) -> list[torch.Tensor]:
+        """Summed logits of each group's members on its preprocessed grid (CPU, half precision)."""
+        out = []
+        for g in prepared.groups:
+            if g.data is None:
+                raise ValueError("prepared case was released before inference")
+            summed = None
+            for m in g.models:
+                logits = predict_logits(m.model, g.data, m.config.patch_size, self.overlap, self._mirror[id(m)],
+                                        self.sw_batch_size, self.device).cpu()
+                summed = logits if summed is None else summed.add_(logits)
+                del logits
+            out.append(summed.to(LOGIT_DTYPE))
+        return out
+
+    def finish(self, logits: list[torch.Tensor], prepared: Prepared, probabilities: bool = False) -> Prediction:
+        """Mean logits back on the input grid -> label map (and softmax probabilities), slab by slab."""
+        shape, values = prepared.shape, self.label_values
+        label = np.empty(shape, dtype=np.int16)
+        probs = np.empty((len(values), *shape), dtype=np.float16) if probabilities else None
+        for start, stop in _slabs(shape, len(values)):
+            mean = self._mean_logits(logits, prepared, start, stop)
+            label[start:stop] = values[mean.argmax(0).numpy()]
+            if probs is not None:
+                probs[:, start:stop] = torch.softmax(mean, 0).numpy()
+            del mean
+        return Prediction(label, values, probs)
+
+    def predict(self, image: np.ndarray, spacing, probabilities: bool = False) -> Prediction:
+        prepared = self.prepare(image, spacing)
+        logits = self.infer(prepared)
+        prepared.release()
+        return self.finish(logits, prepared, probabilities)
+
+    def predict_logits(self, image: np.ndarray, spacing) -> torch.Tensor:
+        """(c, *shape) image on its own grid -> (classes, *shape) float32 mean logits on the same grid."""
+        prepared = self.prepare(image, spacing)
+        logits = self.infer(prepared)
+        prepared.release()
+        return self._mean_logits(logits, prepared, 0, prepared.shape[0])
 
     def predict_label(self, image: np.ndarray, spacing) -> np.ndarray:
-        labels = np.asarray(sorted(self.plan.labels))
-        return labels[self.predict_logits(image, spacing).argmax(0).numpy()]
+        return self.predict(image, spacing).label
 
-    def predict_file(self, paths: list[Path], output: Path) -> None:
+    def predict_file(self, paths: list[Path], output: Path, probabilities_output: Path | None = None) -> None:
         image, geometry = read_image(paths)
-        write_label(self.predict_label(image, geometry.spacing), geometry, output)
+        result = self.predict(image, geometry.spacing, probabilities=probabilities_output is not None)
+        del image
+        if probabilities_output is not None:
+            write_probabilities(probabilities_output, result.probabilities, result.labels)
+        write_label(result.label, geometry, output)
+
+    def _mean_logits(self, logits: list[torch.Tensor], prepared: Prepared, start: int, stop: int) -> torch.Tensor:
+        """Mean logits of the ensemble for input-grid rows [start, stop) of array axis 0, float32."""
+        total = None
+        for group_logits, group in zip(logits, prepared.groups):
+            part = _rows_on_input_grid(group_logits, group.props, group.models[0].plan, start, stop)
+            total = part if total is None else total.add_(part)
+        return total / len(self.models)
+
+
+def _slabs(shape, num_classes: int) -> list[tuple[int, int]]:
+    rows = max(1, SLAB_BYTES // (4 * num_classes * int(np.prod(shape[1:]))))
+    return [(s, min(s + rows, shape[0])) for s in range(0, shape[0], rows)]
+
+
+def _rows_on_input_grid(logits: torch.Tensor, props: CaseProperties, plan: Plan, start: int,
+                        stop: int) -> torch.Tensor:
+    """Rows [start, stop) of array axis 0 of preprocessing's way back (medseg.preprocessing.pipeline.
+    logits_to_original): resample to the cropped shape, put the crop back (outside it only background),
+    undo the transpose; only the rows asked for are computed."""
+    k = plan.transpose.index(0)  # the planning axis that is the input's first array axis
+    shape_t = [props.original_shape[a] for a in plan.transpose]
+    shape_t[k] = stop - start
+    out = torch.zeros((logits.shape[0], *shape_t), dtype=torch.float32)
+    out[0] = 1.0
+    lo, hi = props.box[k]
+    a, b = max(start, lo), min(stop, hi)
+    if a < b:
+        inside = [slice(None)] + [slice(s, e) for s, e in props.box]
+        inside[k + 1] = slice(a - start, b - start)
+        out[tuple(inside)] = resample_rows(logits, props.shape_after_crop, k, a - lo, b - lo)
+    return out.permute(0, *[a + 1 for a in plan.transpose_backward])
+
+
+def resample_rows(x: torch.Tensor, shape, axis: int, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) along spatial ``axis`` of ``x`` (c, *spatial) resampled to ``shape``, float32.
+
+    The same (tri)linear interpolation as F.interpolate(align_corners=False), done separably: linear along
+    ``axis`` for the rows asked for only, then F.interpolate over the other axes."""
+    size, out_size = x.shape[axis + 1], shape[axis]
+    if size == out_size:
+        rows = x.narrow(axis + 1, start, stop - start).float()
+    else:
+        src = ((torch.arange(start, stop, dtype=torch.float64) + 0.5) * (size / out_size) - 0.5).clamp_(min=0)
+        i0 = src.floor().long().clamp_(max=size - 1)
+        i1 = (i0 + 1).clamp_(max=size - 1)
+        view = [1] * x.ndim
+        view[axis + 1] = -1
+        w1 = (src - i0).float().view(view)
+        rows = x.index_select(axis + 1, i0).float() * (1 - w1)
+        rows += x.index_select(axis + 1, i1).float() * w1
+    rest = [s for i, s in enumerate(shape) if i != axis]
+    if list(rows.shape[1:axis + 1]) + list(rows.shape[axis + 2:]) == rest:
+        return rows
+    mode = {1: "linear", 2: "bilinear"}[len(rest)]
+    moved = F.interpolate(rows.movedim(axis + 1, 0), size=rest, mode=mode, align_corners=False)
+    return moved.movedim(0, axis + 1)
+
+
+def write_probabilities(path: str | Path, probabilities: np.ndarray, labels: np.ndarray) -> None:
+    """``<case>_probabilities.npz``: ``probabilities`` float16 (classes, z, y, x) and ``labels`` (the label
+    value of each class channel); atomic (temp + rename)."""
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez_compressed(tmp, probabilities=probabilities, labels=labels)
 
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -116,19 +285,23 @@ _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 def group_cases(files: list[Path], num_channels: int) -> dict[str, list[Path]]:
     """Case id -> channel files. ``<case>_0000`` style names (nnU-Net) group channels; otherwise each file is
-    one case (a 4D file may hold every channel)."""
-    cases: dict[str, list[Path]] = {}
+    one case (a 4D file may hold every channel). Case ids name the outputs, so they must be unique."""
+    found: dict[str, list[tuple[int, Path]]] = {}
     for f in files:
-        stem = strip_suffix(f)
-        m = _CHANNEL.match(stem)
-        if m:
-            cases.setdefault(m["case"], []).append(f)
-        else:
-            cases[stem] = [f]
-    for case, paths in cases.items():
-        paths.sort()
+        m = _CHANNEL.match(strip_suffix(f))
+        case, channel = (m["case"], int(m["channel"])) if m else (strip_suffix(f), -1)
+        found.setdefault(case, []).append((channel, f))
+    cases: dict[str, list[Path]] = {}
+    for case, entries in found.items():
+        entries.sort()
+        channels = [c for c, _ in entries]
+        paths = [p for _, p in entries]
+        if len(entries) > 1 and (-1 in channels or len(set(channels)) < len(channels)):
+            raise MedsegError(f"case {case}: several inputs would write the same output "
+                              f"({', '.join(map(str, paths))}); give them distinct file names")
         if len(paths) > 1 and len(paths) != num_channels:
             raise MedsegError(f"case {case}: {len(paths)} channel files, the model expects {num_channels}")
+        cases[case] = paths
     return cases
 
 
@@ -137,9 +310,22 @@ def output_path(case_id: str, inputs: list[Path], output_dir: Path) -> Path:
     return output_dir / f"{case_id}{image_suffix(inputs[0]) or '.nii.gz'}"
 
 
+def probabilities_path(case_id: str, output_dir: Path) -> Path:
+    return output_dir / f"{case_id}_probabilities.npz"
+
+
 def check_output_dir(input_dir: Path, output_dir: Path) -> None:
     i, o = input_dir.resolve(), output_dir.resolve()
     if o == i or o.is_relative_to(i):
         raise MedsegError(f"output {output_dir} is inside the input folder {input_dir}; medseg never writes there")
 
 
+def check_output_outside_inputs(inputs: list[Path], output_dir: Path) -> None:
+    """For listed inputs: each listed file's folder counts as an input folder, and the output may not hold
+    any listed file either."""
+    o = output_dir.resolve()
+    for p in inputs:
+        p = p.resolve()
+        if p.is_relative_to(o) or o.is_relative_to(p.parent):
+            raise MedsegError(f"output {output_dir} contains or is inside the folder of the listed input {p}; "
+                              "medseg never writes there")

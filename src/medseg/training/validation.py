@@ -10,7 +10,8 @@ from tqdm import tqdm
 from medseg.data.io import read_image, read_label, write_label
 from medseg.data.manifest import Manifest
 from medseg.atomic import write_json
-from medseg.evaluation.metrics import dice_per_class, summarize, write_case_csv
+from medseg.evaluation.metrics import DEFAULT_TOLERANCE_MM, case_metrics, summarize, write_case_csv
+from medseg.inference.postprocessing import CANDIDATES_FILE, candidate_rows
 from medseg.inference.predictor import Predictor
 
 log = logging.getLogger(__name__)
@@ -21,15 +22,18 @@ def validate_fold(predictor: Predictor, manifest: Manifest, case_ids: list[str],
     """Writes fold_dir/validation/<case>.nii.gz, validation/per_case.csv and metrics.json; returns metrics."""
     names = {c: n for c, n in manifest.labels.items() if c != 0}
     rows = []
+    candidates = []  # Dice with and without keep-largest-component, for medseg-postprocess
     for case_id in tqdm(case_ids, desc=f"validate fold {fold}", disable=not progress):
         case = manifest.case(case_id)
         image, geometry = read_image(case.images)
         reference, _ = read_label(case.label)
         pred = predictor.predict_label(image, geometry.spacing)
         write_label(pred, geometry, fold_dir / "validation" / f"{case_id}.nii.gz")
-        dice = dice_per_class(pred, reference, sorted(names))
-        rows.append({"case_id": case_id, "fold": fold, **{f"dice_{names[c]}": d for c, d in dice.items()}})
+        scores = case_metrics(pred, reference, dict(sorted(names.items())), geometry.spacing)
+        rows.append({"case_id": case_id, "fold": fold, **scores})
+        candidates.append(candidate_rows(case_id, pred, reference, manifest.labels))
     write_case_csv(rows, fold_dir / "validation" / "per_case.csv")
-    metrics = {"fold": fold, **(extra or {}), **summarize(rows, names)}
+    write_case_csv(candidates, fold_dir / "validation" / CANDIDATES_FILE)
+    metrics = {"fold": fold, **(extra or {}), **summarize(rows, names), "nsd_tolerance_mm": DEFAULT_TOLERANCE_MM}
     write_json(fold_dir / "metrics.json", metrics)
     return metrics
