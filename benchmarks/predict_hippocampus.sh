@@ -23,6 +23,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 py=$(dirname "$(command -v medseg-predict)")/python  # medseg's interpreter
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
+cd "$work"  # anything written to a relative default path lands here
 if [ ! -x "$venv/bin/nnUNetv2_predict" ]; then
   python3.11 -m venv "$venv"
   # one call, so that pip keeps the CPU torch wheel (a second call would let torchvision pull a CUDA torch)

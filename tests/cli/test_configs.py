@@ -24,8 +24,11 @@ def test_msd_dataset_name_comes_from_its_folder():
 
 def test_other_entry_point_configs_compose():
     assert compose("plan", ["data=nnunet_raw", "data.root=/x/Dataset001_A"]).data.name == "Dataset001_A"
-    assert compose("predict", ["ckpt_dir=a", "input=b", "output=c"]).checkpoint == "best"
+    predict = compose("predict", ["ckpt_dir=a", "input=b", "output=c"])
+    assert predict.checkpoint == "last" and predict.mirror_axes == "all" and predict.postprocessing
     assert compose("cv_summary", ["experiment_dir=x"]).experiment_dir == "x"
+    assert compose("evaluate", ["pred=p", "ref=r"]).tolerance_mm == 1.0
+    assert compose("postprocess", ["run_dir=r"]).run_dir == "r"
 
 
 def test_dockerfile_installs_like_the_readme():
