@@ -15,16 +15,7 @@ if [ ! -x "$venv/bin/nnUNetv2_plan_and_preprocess" ]; then
   "$venv/bin/pip" install -q torch==2.13.0 nnunetv2==2.8.1
 fi
 # nnU-Net raw layout of the same files (symlinks; the data folder is never written)
-raw="$work/raw/Dataset004_Hippocampus"
-mkdir -p "$raw/imagesTr" "$raw/labelsTr"
-for f in "$data"/imagesTr/*.nii.gz; do b=$(basename "$f" .nii.gz); ln -s "$f" "$raw/imagesTr/${b}_0000.nii.gz"; done
-for f in "$data"/labelsTr/*.nii.gz; do ln -s "$f" "$raw/labelsTr/$(basename "$f")"; done
-python3 - "$data/dataset.json" "$raw/dataset.json" <<'PY'
-import json, sys
-d = json.load(open(sys.argv[1]))
-json.dump({"channel_names": d["modality"], "labels": {v: int(k) for k, v in d["labels"].items()},
-           "numTraining": len(d["training"]), "file_ending": ".nii.gz"}, open(sys.argv[2], "w"))
-PY
+python3 "$(dirname "$0")/nnunet_raw.py" "$data" "$work/raw" > /dev/null
 export nnUNet_raw="$work/raw" nnUNet_results="$work/results"
 seconds() { local t0=$(date +%s.%N); "$@" > "$work/last.log" 2>&1 || { cat "$work/last.log"; exit 1; }; echo "$(date +%s.%N) - $t0" | bc; }
 medseg_times=(); nnunet_times=()

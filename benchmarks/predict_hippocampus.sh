@@ -34,16 +34,7 @@ run_quiet() { "$@" > "$work/setup.log" 2>&1 || { cat "$work/setup.log"; exit 1; 
 echo "== plans"
 # nnU-Net raw layout of the same files (symlinks; the data folder is never written); a fingerprint and a plan
 # are all that prediction needs (no preprocessed data)
-raw="$work/raw/Dataset004_Hippocampus"
-mkdir -p "$raw/imagesTr" "$raw/labelsTr"
-for f in "$data"/imagesTr/*.nii.gz; do b=$(basename "$f" .nii.gz); ln -s "$f" "$raw/imagesTr/${b}_0000.nii.gz"; done
-for f in "$data"/labelsTr/*.nii.gz; do ln -s "$f" "$raw/labelsTr/$(basename "$f")"; done
-python3 - "$data/dataset.json" "$raw/dataset.json" <<'PY'
-import json, sys
-d = json.load(open(sys.argv[1]))
-json.dump({"channel_names": d["modality"], "labels": {v: int(k) for k, v in d["labels"].items()},
-           "numTraining": len(d["training"]), "file_ending": ".nii.gz"}, open(sys.argv[2], "w"))
-PY
+raw=$("$py" "$here/nnunet_raw.py" "$data" "$work/raw")
 export nnUNet_raw="$work/raw" nnUNet_preprocessed="$work/nnunet_pp" nnUNet_results="$work/nnunet_results"
 run_quiet "$venv/bin/nnUNetv2_extract_fingerprint" -d 4 -np 2
 run_quiet "$venv/bin/nnUNetv2_plan_experiment" -d 4
@@ -85,7 +76,10 @@ for i in $(seq "$repeats"); do
 done
 
 echo "== outputs (last run)"
-# 40 label maps each, on the input's grid; agreement between the two (same weights, same steps)
+# 40 label maps each, on the input's grid. The label agreement between the two is informative only: where a
+# volume is padded to the patch by an odd number of voxels, nnU-Net mirrors the padded window and medseg (as
+# MONAI's inferer per copy) the volume before padding, so mirrored copies sit one voxel apart; near-random
+# weights make that visible (without mirroring: 99.96% of hippocampus_001's voxels agree)
 "$py" - "$in" "$work/out_nn" "$work/out_nn1" "$work/out_ms" <<'PY'
 import sys
 from pathlib import Path

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Training parity on one GPU: medseg and nnunetv2 2.8.1 on MSD Task04 Hippocampus, 3d_fullres plan, fold 0,
 # 10 epochs x 250 iterations each, one after the other on the same GPU. Prints (and writes to $OUT) each
-# framework's epoch times and its fold-0 validation Dice (final weights, mirroring, original geometry).
+# framework's epoch times, the part of each spent waiting for the data loader, and its fold-0 validation Dice
+# (final weights, mirroring, original geometry) after the same number of iterations.
 #
 # On the GPU machine (no network): carry .gpu (scripts/gpu/make_bundle.sh builds it), then
 #   bash scripts/gpu/parity_hippocampus.sh
@@ -44,18 +45,7 @@ metrics=$(find "$WORK/medseg_out" -path '*fold_0/metrics.json' | head -1)
 
 # ---- nnU-Net ------------------------------------------------------------------------------------------------
 export nnUNet_raw="$WORK/nn_raw" nnUNet_preprocessed="$WORK/nn_pre" nnUNet_results="$WORK/nn_results"
-raw="$nnUNet_raw/Dataset004_Hippocampus"
-rm -rf "$raw" && mkdir -p "$raw/imagesTr" "$raw/labelsTr"
-for f in "$DATA"/imagesTr/*.nii.gz; do b=$(basename "$f" .nii.gz); case "$b" in .*|_*) continue;; esac
-  ln -s "$f" "$raw/imagesTr/${b}_0000.nii.gz"; done
-for f in "$DATA"/labelsTr/*.nii.gz; do b=$(basename "$f"); case "$b" in .*|_*) continue;; esac
-  ln -s "$f" "$raw/labelsTr/$b"; done
-"$PY" - "$DATA/dataset.json" "$raw/dataset.json" <<'EOF'
-import json, sys
-d = json.load(open(sys.argv[1]))
-json.dump({"channel_names": d["modality"], "labels": {v: int(k) for k, v in d["labels"].items()},
-           "numTraining": len(d["training"]), "file_ending": ".nii.gz"}, open(sys.argv[2], "w"))
-EOF
+rm -rf "$nnUNet_raw" && "$PY" "$REPO/benchmarks/nnunet_raw.py" "$DATA" "$nnUNet_raw" > /dev/null
 nn() {  # run an nnU-Net console entry point by module (the bundle installs no scripts)
   local mod=$1 fn=$2; shift 2
   "$PY" -c "import sys; from $mod import $fn as f; sys.argv = ['nnunet'] + sys.argv[1:]; f()" "$@"
@@ -66,8 +56,8 @@ nn nnunetv2.experiment_planning.plan_and_preprocess_entrypoints plan_and_preproc
 echo "nnunet plan+preprocess $(elapsed "$t0") s"
 limit=()
 [ "$NNUNET_TIMEOUT" != 0 ] && limit=(timeout "$NNUNET_TIMEOUT")
-"${limit[@]}" "$PY" -c "import sys; from nnunetv2.run.run_training import run_training_entry as f; sys.argv = ['nnunet'] + sys.argv[1:]; f()" \
-  4 3d_fullres 0 -tr "$NNUNET_TRAINER" 2>&1 | tee "$OUT/nnunet.log" || echo "nnU-Net training stopped ($?)"
+# nnUNetv2_train, plus one line per epoch splitting its training time into waiting for data and steps
+"${limit[@]}" "$PY" "$REPO/scripts/gpu/nnunet_timed_training.py" 4 3d_fullres 0 -tr "$NNUNET_TRAINER" 2>&1 | tee "$OUT/nnunet.log" || echo "nnU-Net training stopped ($?)"
 echo "nnunet wall $(elapsed "$t0") s" | tee -a "$OUT/nnunet.log"
 summary=$(ls "$nnUNet_results"/Dataset004_Hippocampus/"$NNUNET_TRAINER"__nnUNetPlans__3d_fullres/fold_0/validation/summary.json 2>/dev/null || true)
 [ -n "$summary" ] && cp "$summary" "$OUT/nnunet_summary.json"

@@ -18,3 +18,23 @@ class DatasetError(MedsegError):
 
 class ConfigError(MedsegError):
     """An impossible or inconsistent configuration."""
+
+
+class VolumeError(MedsegError, ValueError):
+    """An image file that cannot be read, or is refused (damaged, truncated, too large, wrong shape or values)."""
+
+
+class CheckpointError(MedsegError):
+    """A checkpoint that cannot be loaded (truncated, not a checkpoint, or holding code rather than data)."""
+
+
+class WriteError(MedsegError, OSError):
+    """An output could not be written (disk full, permissions); whatever was there before is kept."""
+
+
+class NonFiniteError(MedsegError, FloatingPointError):
+    """Training produced a NaN or infinite loss or weights; the last good checkpoint is kept."""
+
+
+class LockedError(MedsegError):
+    """Another medseg process is using the same output folder."""

@@ -3,12 +3,14 @@ model, plan and checkpoint format, not a trained one (seeded random weights give
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from medseg.data.adapters import build_manifest
+from medseg.inference.batch import predict_folder
 from medseg.models import create_model
 from medseg.planning.fingerprint import compute_fingerprint
 from medseg.planning.planner import PlannerSettings, plan_dataset
@@ -41,3 +43,22 @@ def tiny_run(tiny_plan, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("tiny_run")
     save_untrained_checkpoint(tiny_plan, "3d_fullres", run / "fold_0" / "checkpoints" / "last.ckpt")
     return run
+
+
+SCAN_CASES = ["synthetic_000", "synthetic_001", "synthetic_002"]
+
+
+def predict_on_cpu(run, source, out, **kwargs):
+    """predict_folder on the CPU with two windows per pass and no progress bar."""
+    kwargs.setdefault("progress", False)
+    return predict_folder(run, source, out, device="cpu", sw_batch_size=2, **kwargs)
+
+
+@pytest.fixture()
+def scans(synthetic_root, tmp_path) -> Path:
+    """A folder of three synthetic images (no labels), as a user's scans."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for case in SCAN_CASES:
+        shutil.copy(synthetic_root / "imagesTr" / f"{case}.nii.gz", folder)
+    return folder

@@ -15,24 +15,12 @@ import pytest
 import SimpleITK as sitk
 
 from medseg.data.synthetic import make_case
-from medseg.inference.batch import SUMMARY_FILE, predict_folder
+from medseg.inference.batch import SUMMARY_FILE
 from medseg.inference.predictor import Predictor
+from tests.inference.conftest import SCAN_CASES, predict_on_cpu
 
-CASES = ["synthetic_000", "synthetic_001", "synthetic_002"]
-
-
-def _predict(run, source, out, **kwargs):
-    kwargs.setdefault("progress", False)
-    return predict_folder(run, source, out, device="cpu", sw_batch_size=2, **kwargs)
-
-
-@pytest.fixture()
-def scans(synthetic_root, tmp_path) -> Path:
-    folder = tmp_path / "scans"
-    folder.mkdir()
-    for case in CASES:
-        shutil.copy(synthetic_root / "imagesTr" / f"{case}.nii.gz", folder)
-    return folder
+CASES = SCAN_CASES
+_predict = predict_on_cpu
 
 
 def _labels(folder: Path) -> dict[str, np.ndarray]:

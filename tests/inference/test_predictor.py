@@ -61,3 +61,13 @@ def test_probabilities_agree_with_the_label_map(predictor, synthetic_root, monke
     # the split steps are what predict_logits does
     logits = predictor.predict_logits(image, geometry.spacing)
     np.testing.assert_array_equal(result.labels[logits.argmax(0).numpy()], label)
+
+
+def test_fold_ensemble_ignores_folds_set_aside_by_overwrite(tmp_path):
+    from medseg.inference.predictor import find_checkpoints
+
+    for name in ("fold_1", "fold_0", "fold_0.replaced-20260101-000000", "fold_10"):
+        (tmp_path / name / "checkpoints").mkdir(parents=True)
+        (tmp_path / name / "checkpoints" / "last.ckpt").write_bytes(b"")
+    found = find_checkpoints(tmp_path)
+    assert [p.parent.parent.name for p in found] == ["fold_0", "fold_1", "fold_10"]

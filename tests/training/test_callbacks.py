@@ -4,6 +4,7 @@ per-epoch summary line."""
 from __future__ import annotations
 
 import logging
+import time
 import sys
 from pathlib import Path
 
@@ -175,6 +176,28 @@ def test_image_overlays_and_epoch_summary_in_a_real_fit(tmp_path, caplog):
     assert lines[0].startswith("epoch 1/2, ") and lines[1].startswith("epoch 2/2, ")
     assert all("it/s" in line and "ETA" in line and "train " in line for line in lines)
     assert all("train/loss_epoch" in line and "val/dice_mean" in line for line in lines)
+
+
+class _SlowPatches(_Patches):
+    """Each sample takes 50 ms to load, so an epoch of 2 batches of 2 waits at least 0.2 s for data."""
+
+    def __getitem__(self, i):
+        time.sleep(0.05)
+        return super().__getitem__(i)
+
+
+def test_epoch_summary_separates_waiting_for_data(tmp_path, caplog):
+    fast, slow = EpochSummary(), EpochSummary()
+    for summary, patches in ((fast, _Patches()), (slow, _SlowPatches())):
+        trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, callbacks=[summary],
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            num_sanity_val_steps=0, limit_val_batches=0)
+        with caplog.at_level(logging.INFO, logger="medseg.train"):
+            trainer.fit(_Tiny(), DataLoader(patches, batch_size=2))
+    assert slow.wait_seconds[0] >= 0.2 and slow.wait_seconds[0] <= slow.train_seconds[0]
+    assert fast.wait_seconds[0] < 0.2
+    lines = [r.getMessage() for r in caplog.records if r.name == "medseg.train"]
+    assert len(lines) == 2 and all("waiting for data" in line for line in lines)
 
 
 def test_image_overlays_every_n_epochs_and_max_cases(tmp_path):

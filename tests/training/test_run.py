@@ -27,6 +27,12 @@ def test_the_2d_configuration_trains_and_validates_in_original_geometry(tmp_path
     fold = tmp_path / "outputs" / "synthetic" / "unet__dice_ce__2d" / "fold_0"
     metrics = json.loads((fold / "metrics.json").read_text())
     assert metrics["num_cases"] == 5 and set(metrics["dice"]) == {"outer", "inner"}
+    # the fold's costs, for the benchmark leaderboard
+    timing = metrics["timing"]
+    assert timing["device"] == "cpu" and timing["peak_gpu_memory_gb"] is None
+    assert timing["epochs_timed"] == metrics["epochs"] == 2 and timing["iterations_per_epoch"] == 4
+    assert 0 < timing["train_epoch_s_median"] <= timing["epoch_s_median"] < timing["train_s"]
+    assert 0 < timing["peak_rss_gb"] < 64 and timing["inference_s_per_case"] > 0
     config = json.loads((fold / "plan.json").read_text())["configurations"]["2d"]
     assert len(config["patch_size"]) == 2
     for pred in (fold / "validation").glob("*.nii.gz"):

@@ -44,26 +44,40 @@ def _dataset_json(root: Path, required: tuple[str, ...]) -> tuple[Path, dict]:
     return path, meta
 
 
-def _inside(root: Path, relpath: str, where: str) -> str:
-    """Resolve a dataset-relative path, refusing one that escapes the dataset root."""
-    p = (root / relpath).resolve()
-    if not p.is_relative_to(root.resolve()):
-        raise DatasetError([f"{where}: path {relpath!r} points outside the dataset root {root}"])
-    return str(p)
+class _Paths:
+    """Resolves the dataset-relative paths of a dataset.json or manifest and collects every one that leaves
+    the data root (symlinks resolved): a dataset file from elsewhere cannot make medseg read outside it
+    unless ``allow_outside_root`` (data.allow_outside_root=true) says so."""
+
+    def __init__(self, root: Path, allow_outside_root: bool = False):
+        self.root, self.allow = root, bool(allow_outside_root)
+        self.problems: list[str] = []
+
+    def __call__(self, relpath: str, where: str) -> str:
+        p = (self.root / relpath).resolve()
+        if not self.allow and not p.is_relative_to(self.root.resolve()):
+            self.problems.append(f"{where}: path {relpath!r} points outside the dataset root {self.root} "
+                                 "(data.allow_outside_root=true permits it)")
+        return str(p)
+
+    def check(self) -> None:
+        if self.problems:
+            raise DatasetError(self.problems, str(self.root))
 
 
 @register_adapter("msd")
-def msd(root: str, name: str | None = None, num_folds: int = 5, **_) -> Manifest:
+def msd(root: str, name: str | None = None, num_folds: int = 5, allow_outside_root: bool = False, **_) -> Manifest:
     """Medical Segmentation Decathlon: dataset.json with ``modality``, ``labels`` and ``training`` pairs."""
     root_p = Path(root)
     meta_path, meta = _dataset_json(root_p, ("modality", "labels", "training"))
     channels = [meta["modality"][k] for k in sorted(meta["modality"], key=int)]
     labels = {int(k): v for k, v in meta["labels"].items()}
+    inside = _Paths(root_p, allow_outside_root)
     cases = []
     for i, pair in enumerate(meta["training"]):
         where = f"{meta_path} training[{i}]"
-        cases.append(Case(strip_suffix(pair["image"]), [_inside(root_p, pair["image"], where)],
-                          _inside(root_p, pair["label"], where)))
+        cases.append(Case(strip_suffix(pair["image"]), [inside(pair["image"], where)], inside(pair["label"], where)))
+    inside.check()
     return Manifest(name or meta.get("name", root_p.name), channels, labels, cases, num_folds, str(root_p.resolve()))
 
 
@@ -95,17 +109,24 @@ def nnunet_raw(root: str, name: str | None = None, num_folds: int = 5, **_) -> M
 
 
 @register_adapter("manifest")
-def manifest_file(path: str, root: str, num_folds: int = 5, name: str | None = None, **_) -> Manifest:
-    """A manifest JSON (data_manifests/); case paths are relative to ``root`` and may not leave it."""
+def manifest_file(path: str, root: str, num_folds: int = 5, name: str | None = None, allow_outside_root: bool = False,
+                  **_) -> Manifest:
+    """A manifest JSON (data_manifests/); case paths are relative to ``root`` and may not leave it unless
+    ``allow_outside_root``."""
     path_p = Path(path)
     d = _read_json(path_p)
     root_p = Path(root)
-    for c in d.get("cases", []):
-        c["images"] = [_inside(root_p, p, f"{path_p} case {c.get('case_id')}") for p in c["images"]]
-        if c.get("label") is not None:
-            c["label"] = _inside(root_p, c["label"], f"{path_p} case {c.get('case_id')}")
-    d.setdefault("num_folds", num_folds)
-    m = Manifest.from_dict(d, root=str(root_p.resolve()))
+    inside = _Paths(root_p, allow_outside_root)
+    try:
+        for c in d.get("cases", []):
+            c["images"] = [inside(p, f"{path_p} case {c.get('case_id')}") for p in c["images"]]
+            if c.get("label") is not None:
+                c["label"] = inside(c["label"], f"{path_p} case {c.get('case_id')}")
+        inside.check()
+        d.setdefault("num_folds", num_folds)
+        m = Manifest.from_dict(d, root=str(root_p.resolve()))
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise DatasetError([f"{path_p}: malformed manifest ({type(e).__name__}: {e})"]) from None
     if name:
         m.name = name
     return m

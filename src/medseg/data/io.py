@@ -8,6 +8,7 @@ configuration, which axis shrinks first) agree with it. ``spacing[k]`` belongs t
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from medseg.atomic import atomic_path
+from medseg.errors import VolumeError, WriteError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -61,20 +63,75 @@ def _reverse_spatial(data: np.ndarray, ndim: int) -> np.ndarray:
     return np.transpose(data, tuple(range(ndim))[::-1] + tuple(range(ndim, data.ndim)))
 
 
+# Largest volume medseg reads into memory, counted as its float32 working copy. A header claiming more is
+# refused before any voxel is read: it is damaged or hostile, or the volume is far beyond what one machine
+# plans, preprocesses and predicts. MEDSEG_MAX_VOLUME_GB raises (or lowers) it.
+DEFAULT_MAX_VOLUME_GB = 16.0
+
+
+def max_volume_bytes() -> int:
+    return int(float(os.environ.get("MEDSEG_MAX_VOLUME_GB", DEFAULT_MAX_VOLUME_GB)) * 2**30)
+
+
+def check_volume_size(path: str | Path, shape, itemsize: int) -> None:
+    """Refuse a volume whose header declares more voxels than fit the limit, before reading its data."""
+    voxels = int(np.prod([int(s) for s in shape], dtype=object))  # exact: a hostile header may overflow int64
+    need = voxels * max(int(itemsize), 4)
+    limit = max_volume_bytes()
+    if need > limit:
+        raise VolumeError(f"{path}: the header declares a {'x'.join(str(int(s)) for s in shape)} volume "
+                          f"({need / 2**30:.1f} GiB in memory), above the {limit / 2**30:.1f} GiB limit "
+                          "(MEDSEG_MAX_VOLUME_GB); refused before reading: the header is damaged or the volume "
+                          "is too large")
+
+
+def _cause(error: Exception) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 def read_volume(path: str | Path) -> tuple[np.ndarray, Geometry]:
-    """Return (data, geometry); data is (z, y, x) or (z, y, x, c), not yet cast."""
+    """Return (data, geometry); data is (z, y, x) or (z, y, x, c), not yet cast. The header is read and the
+    declared size checked first; a damaged or truncated file raises VolumeError naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
-    if image_suffix(path) in NIFTI_SUFFIXES:
-        img = nib.load(str(path))
-        ndim = min(3, len(img.shape))
-        data = _reverse_spatial(np.asanyarray(img.dataobj), ndim)
-        affine = np.asarray(img.affine, dtype=np.float64)
-        spacing = _spacing_from_affine(affine)[:ndim][::-1]
-        geo = Geometry(tuple(int(s) for s in data.shape[:ndim]), spacing, affine, "nifti", header=img.header.copy())
-        return data, geo
-    img = sitk.ReadImage(str(path))
+    nifti = image_suffix(path) in NIFTI_SUFFIXES
+    try:
+        if nifti:
+            img = nib.load(str(path))  # the header only; voxels are read below
+            shape, itemsize = img.shape, img.get_data_dtype().itemsize
+        else:
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            probe = sitk.Image([1] * reader.GetDimension(), reader.GetPixelID(), reader.GetNumberOfComponents())
+            components = reader.GetNumberOfComponents()
+            shape = tuple(reader.GetSize()) + ((components,) if components > 1 else ())
+            itemsize = probe.GetSizeOfPixelComponent()
+    except Exception as e:  # noqa: BLE001 - whatever the reader says, the file is not a readable image
+        raise VolumeError(f"{path}: not a readable image ({_cause(e)})") from None
+    check_volume_size(path, shape, itemsize)
+    try:
+        if nifti:
+            return _read_nifti_data(img)
+        return _read_itk_data(reader.Execute())
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise VolumeError(f"{path}: cannot read the voxel data; the file is truncated or corrupt ({_cause(e)})") \
+            from None
+
+
+def _read_nifti_data(img) -> tuple[np.ndarray, Geometry]:
+    ndim = min(3, len(img.shape))
+    data = _reverse_spatial(np.asanyarray(img.dataobj), ndim)
+    affine = np.asarray(img.affine, dtype=np.float64)
+    spacing = _spacing_from_affine(affine)[:ndim][::-1]
+    return data, Geometry(tuple(int(s) for s in data.shape[:ndim]), spacing, affine, "nifti", header=img.header.copy())
+
+
+def _read_itk_data(img) -> tuple[np.ndarray, Geometry]:
     data = sitk.GetArrayFromImage(img)  # (z, y, x) or (z, y, x, c)
     ndim = img.GetDimension()
     spacing_ijk = np.asarray(img.GetSpacing(), dtype=np.float64)
@@ -85,6 +142,27 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, Geometry]:
     geo = Geometry(tuple(int(s) for s in data.shape[:ndim]), tuple(float(s) for s in spacing_ijk[::-1]), affine,
                    "itk", direction=tuple(img.GetDirection()), origin=tuple(img.GetOrigin()))
     return data, geo
+
+
+def orientation(geometry: Geometry) -> str:
+    """Axis codes of the file's voxel axes in RAS world terms (e.g. ``RAS``, ``LPS``, ``PIR``), whatever the
+    format (ITK formats store LPS coordinates)."""
+    ndim = len(geometry.shape)
+    affine = np.asarray(geometry.affine, dtype=np.float64)
+    if ndim != 3:
+        return ""
+    if geometry.kind == "itk":
+        affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    return "".join(str(c) for c in nib.aff2axcodes(affine))
+
+
+def nonfinite_problem(path: str | Path, image: np.ndarray) -> str | None:
+    """The problem with an image holding NaN or Inf values (z-scoring would spread them over the whole
+    volume), or None."""
+    if np.isfinite(image).all():
+        return None
+    bad = int(np.size(image) - np.count_nonzero(np.isfinite(image)))
+    return f"{path}: image contains NaN or Inf values ({bad} voxel(s))"
 
 
 def read_image(paths: list[str | Path]) -> tuple[np.ndarray, Geometry]:
@@ -98,11 +176,11 @@ def read_image(paths: list[str | Path]) -> tuple[np.ndarray, Geometry]:
         elif data.ndim == 4:
             data = np.moveaxis(data, -1, 0)
         else:
-            raise ValueError(f"{p}: expected a 2D/3D volume or a 4D multi-channel volume, got shape {data.shape}")
+            raise VolumeError(f"{p}: expected a 2D/3D volume or a 4D multi-channel volume, got shape {data.shape}")
         if geometry is None:
             geometry = geo
         elif not geometry.same_grid(geo):
-            raise ValueError(f"{p}: channel grid {geo.shape} / affine differs from the first channel {paths[0]}")
+            raise VolumeError(f"{p}: channel grid {geo.shape} / affine differs from the first channel {paths[0]}")
         channels.append(np.asarray(data, dtype=np.float32))
     assert geometry is not None, "read_image needs at least one path"
     return np.concatenate(channels, axis=0), geometry
@@ -115,13 +193,13 @@ def read_label(path: str | Path) -> tuple[np.ndarray, Geometry]:
     if data.ndim == 4 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:
-        raise ValueError(f"{path}: a label map must be 3D, got shape {data.shape}")
+        raise VolumeError(f"{path}: a label map must be 3D, got shape {data.shape}")
     if not np.issubdtype(data.dtype, np.integer):
         if not np.all(np.isfinite(data)):
-            raise ValueError(f"{path}: label map contains NaN or Inf")
+            raise VolumeError(f"{path}: label map contains NaN or Inf")
         rounded = np.rint(data)
         if not np.array_equal(rounded, data):
-            raise ValueError(f"{path}: label map holds non-integer values")
+            raise VolumeError(f"{path}: label map holds non-integer values")
         data = rounded
     return data.astype(np.int16), geo
 
@@ -131,8 +209,12 @@ def write_label(label: np.ndarray, geometry: Geometry, path: str | Path) -> None
     path = Path(path)
     if tuple(label.shape) != tuple(geometry.shape):
         raise ValueError(f"{path}: label shape {label.shape} does not match the target grid {geometry.shape}")
-    with atomic_path(path, suffix=image_suffix(path)) as tmp:
-        _write_label(label, geometry, path, tmp)
+    try:
+        with atomic_path(path, suffix=image_suffix(path)) as tmp:
+            _write_label(label, geometry, path, tmp)
+    except (OSError, RuntimeError) as e:  # disk full, permissions (SimpleITK raises RuntimeError)
+        reason = getattr(e, "strerror", None) or _cause(e)
+        raise WriteError(f"{path}: cannot write ({reason}); nothing was replaced") from e
 
 
 def _write_label(label: np.ndarray, geometry: Geometry, path: Path, tmp: Path) -> None:

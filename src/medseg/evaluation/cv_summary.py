@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,33 @@ from medseg.errors import MedsegError
 from medseg.evaluation.metrics import METRICS, metric_stats
 
 
-def _read_rows(fold_dir: Path) -> list[dict]:
+FOLD_DIR = re.compile(r"fold_(\d+)")
+
+
+def fold_index(path: Path) -> int | None:
+    """k for a ``fold_<k>`` folder; None for anything else, such as ``fold_0.replaced-<time>`` set aside by
+    overwrite=true, whose cases would otherwise be counted twice."""
+    m = FOLD_DIR.fullmatch(path.name)
+    return int(m.group(1)) if m and path.is_dir() else None
+
+
+def fold_dirs(run_dir: Path) -> list[Path]:
+    """The run's fold_<k> folders, finished or not, by k."""
+    return sorted((d for d in run_dir.iterdir() if fold_index(d) is not None), key=fold_index)
+
+
+def is_finished(fold_dir: Path) -> bool:
+    return (fold_dir / "metrics.json").is_file() and (fold_dir / "validation" / "per_case.csv").is_file()
+
+
+def find_runs(experiment_dir: Path) -> list[Path]:
+    """``experiment_dir`` itself when it is a run (holds fold_<k> folders), else its run subfolders."""
+    if fold_dirs(experiment_dir):
+        return [experiment_dir]
+    return sorted(d for d in experiment_dir.iterdir() if d.is_dir() and fold_dirs(d))
+
+
+def read_case_rows(fold_dir: Path) -> list[dict]:
     with open(fold_dir / "validation" / "per_case.csv") as f:
         return list(csv.DictReader(f))
 
@@ -22,12 +49,12 @@ def _stats(values: list[float]) -> tuple[float, float, int]:
     return s["mean"], s["std"], s["n"]
 
 
-def _nanmean(values: list[float]) -> float:
+def nanmean(values: list[float]) -> float:
     finite = [v for v in values if not math.isnan(v)]
     return float(np.mean(finite)) if finite else float("nan")
 
 
-def _metric_columns(rows: list[dict]) -> dict[str, list[str]]:
+def metric_columns(rows: list[dict]) -> dict[str, list[str]]:
     """Class columns per metric (``dice_<name>``, ``hd95_<name>``, ``nsd_<name>``), in file order, over all
     rows: folds validated before a metric existed simply lack its columns."""
     seen = list(dict.fromkeys(k for r in rows for k in r))
@@ -35,7 +62,7 @@ def _metric_columns(rows: list[dict]) -> dict[str, list[str]]:
     return {m: cols for m, cols in columns.items() if cols}
 
 
-def _value(row: dict, column: str) -> float:
+def case_value(row: dict, column: str) -> float:
     v = row.get(column)
     return float(v) if v not in (None, "") else float("nan")
 
@@ -43,20 +70,19 @@ def _value(row: dict, column: str) -> float:
 def summarize_run(run_dir: Path) -> list[dict]:
     """Rows (run, fold or 'all', metric, mean, std, n) for one <model>__<loss> run dir: each class column of
     each metric, then ``<metric>_mean``, the per-case mean over classes (NaNs skipped) summarised over cases."""
-    folds = sorted(d for d in run_dir.glob("fold_*") if (d / "metrics.json").is_file()
-                   and (d / "validation" / "per_case.csv").is_file())
-    rows_by_fold = {d.name: _read_rows(d) for d in folds}
+    folds = [d for d in fold_dirs(run_dir) if is_finished(d)]
+    rows_by_fold = {d.name: read_case_rows(d) for d in folds}
     all_rows = [r for rows in rows_by_fold.values() for r in rows]
     if not all_rows:
         return []
-    columns = _metric_columns(all_rows)
+    columns = metric_columns(all_rows)
     out = []
     for scope, rows in [("all", all_rows), *rows_by_fold.items()]:
         for metric, cols in columns.items():
             for c in cols:
-                mean, std, n = _stats([_value(r, c) for r in rows])
+                mean, std, n = _stats([case_value(r, c) for r in rows])
                 out.append({"run": run_dir.name, "fold": scope, "metric": c, "mean": mean, "std": std, "n": n})
-            per_case_mean = [_nanmean([_value(r, c) for c in cols]) for r in rows]
+            per_case_mean = [nanmean([case_value(r, c) for c in cols]) for r in rows]
             mean, std, n = _stats(per_case_mean)
             out.append({"run": run_dir.name, "fold": scope, "metric": f"{metric}_mean", "mean": mean, "std": std,
                         "n": n})
@@ -66,9 +92,9 @@ def summarize_run(run_dir: Path) -> list[dict]:
 def summarize_experiment(experiment_dir: Path, output: Path | None = None) -> str:
     """Writes cv_summary.csv and cv_summary.md; returns the markdown table. ``experiment_dir`` may be an
     experiment (several run dirs) or one run dir."""
-    runs = [experiment_dir] if any(experiment_dir.glob("fold_*")) else sorted(
-        d for d in experiment_dir.iterdir() if d.is_dir() and any(d.glob("fold_*")))
-    rows = [r for run in runs for r in summarize_run(run)]
+    if not experiment_dir.is_dir():
+        raise MedsegError(f"{experiment_dir}: no such directory")
+    rows = [r for run in find_runs(experiment_dir) for r in summarize_run(run)]
     if not rows:
         raise MedsegError(f"{experiment_dir}: no finished folds (fold_*/metrics.json) found")
     out = output or experiment_dir

@@ -22,9 +22,10 @@ from tqdm import tqdm
 
 from medseg.atomic import write_json
 from medseg.data.adapters import list_images
-from medseg.data.io import Geometry, read_image, write_label
+from medseg.data.io import Geometry, nonfinite_problem, read_image, write_label
 from medseg.inference.postprocessing import PostprocessingSpec, apply_postprocessing, load_postprocessing
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, VolumeError, WriteError
+from medseg.locking import exclusive
 from medseg.inference.predictor import (Predictor, Prepared, check_output_dir, check_output_outside_inputs,
                                         find_checkpoints, group_cases, load_checkpoint, output_path,
                                         probabilities_path, write_probabilities)
@@ -32,6 +33,7 @@ from medseg.inference.predictor import (Predictor, Prepared, check_output_dir, c
 log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "prediction_summary.json"
+LOCK_FILE = ".medseg-predict.lock"  # held while a prediction writes into the folder, removed afterwards
 
 
 @dataclass
@@ -133,18 +135,20 @@ def predict_folder(ckpt_dir: Path, input_dir: Path, output_dir: Path, checkpoint
         log.info("post-processing from cross-validation: %s", spec.to_dict())
     cases = group_cases(files, len(predictor.plan.channel_names))
     output_dir.mkdir(parents=True, exist_ok=True)
-    summary = BatchSummary()
-    jobs = pending_jobs(cases, output_dir, save_probabilities, overwrite, summary)
-    log.info("predicting %d case(s) with %d model(s) on %s", len(jobs), len(models), dev)
-    started = time.perf_counter()
-    predict_cases(predictor, jobs, summary, progress=progress, background=background_io, postprocessing=spec)
-    if jobs or not (output_dir / SUMMARY_FILE).exists():  # a run with nothing to do leaves the folder as it was
-        record = {"input": str(input_dir), "output": str(output_dir), "checkpoints": [m.source for m in models],
-                  "device": str(dev), "overlap": overlap, "mirror_axes": _jsonable(mirror_axes),
-                  "save_probabilities": save_probabilities,
-                  "postprocessing": spec.to_dict() if spec is not None else None,
-                  "total_seconds": round(time.perf_counter() - started, 3), **summary.to_dict()}
-        write_json(output_dir / SUMMARY_FILE, record)
+    # two predictions into one folder would race on the skip-existing check and the summary
+    with exclusive(output_dir / LOCK_FILE, output_dir, "prediction"):
+        summary = BatchSummary()
+        jobs = pending_jobs(cases, output_dir, save_probabilities, overwrite, summary)
+        log.info("predicting %d case(s) with %d model(s) on %s", len(jobs), len(models), dev)
+        started = time.perf_counter()
+        predict_cases(predictor, jobs, summary, progress=progress, background=background_io, postprocessing=spec)
+        if jobs or not (output_dir / SUMMARY_FILE).exists():  # a run with nothing to do leaves the folder as it was
+            record = {"input": str(input_dir), "output": str(output_dir), "checkpoints": [m.source for m in models],
+                      "device": str(dev), "overlap": overlap, "mirror_axes": _jsonable(mirror_axes),
+                      "save_probabilities": save_probabilities,
+                      "postprocessing": spec.to_dict() if spec is not None else None,
+                      "total_seconds": round(time.perf_counter() - started, 3), **summary.to_dict()}
+            write_json(output_dir / SUMMARY_FILE, record)
     return summary
 
 
@@ -268,6 +272,9 @@ class _Pipeline:
         """Background: read and preprocess (the raw image is dropped once preprocessed)."""
         t0 = time.perf_counter()
         image, geometry = read_image(job.inputs)
+        problem = nonfinite_problem(job.inputs[0], image)
+        if problem:  # z-scoring would spread them over the whole volume: refused rather than predicted
+            raise VolumeError(problem)
         prepared = self.predictor.prepare(image, geometry.spacing)
         return _Loaded(prepared, geometry, time.perf_counter() - t0)
 
@@ -290,7 +297,10 @@ class _Pipeline:
         result = self.predictor.finish(logits, loaded.prepared, probabilities=job.probabilities is not None)
         del logits
         if job.probabilities is not None:
-            write_probabilities(job.probabilities, result.probabilities, result.labels)
+            try:
+                write_probabilities(job.probabilities, result.probabilities, result.labels)
+            except OSError as e:
+                raise WriteError(f"{job.probabilities}: cannot write ({e.strerror or e}); nothing was replaced") from e
         label = result.label
         if self.postprocessing is not None:  # the label map only; probabilities stay as predicted (nnU-Net)
             label = apply_postprocessing(label, self.postprocessing)

@@ -22,6 +22,7 @@ from monai.transforms import KeepLargestConnectedComponent
 from medseg.atomic import write_json
 from medseg.errors import MedsegError
 from medseg.evaluation.metrics import dice_per_class
+from medseg.evaluation.cv_summary import fold_dirs
 
 SPEC_FILE = "postprocessing.json"
 CANDIDATES_FILE = "postprocessing_candidates.csv"
@@ -216,8 +217,8 @@ def _run_labels(fold_dir: Path) -> dict[int, str]:
 def decide_for_run(run_dir: str | Path) -> tuple[PostprocessingSpec, dict]:
     """Decide from the candidates of every finished fold (fold_*/metrics.json) of a <model>__<loss> run."""
     run_dir = Path(run_dir)
-    folds = sorted(d for d in run_dir.glob("fold_*") if (d / "metrics.json").is_file()
-                   and (d / "validation" / CANDIDATES_FILE).is_file())
+    folds = [d for d in fold_dirs(run_dir) if (d / "metrics.json").is_file()
+             and (d / "validation" / CANDIDATES_FILE).is_file()]
     if not folds:
         raise MedsegError(f"{run_dir}: no finished fold has validation/{CANDIDATES_FILE}; train (or re-validate) "
                           f"at least one fold with this version of medseg first")

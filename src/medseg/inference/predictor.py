@@ -19,8 +19,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from medseg.atomic import atomic_path
+from medseg.checkpoint import load_weights_only
 from medseg.data.io import image_suffix, read_image, strip_suffix, write_label
 from medseg.errors import MedsegError
+from medseg.evaluation.cv_summary import fold_dirs as run_fold_dirs
 from medseg.models import create_model
 from medseg.planning.plan import ConfigurationPlan, Plan
 from medseg.preprocessing.pipeline import CaseProperties, preprocess_image
@@ -46,11 +48,8 @@ class TrainedModel:
 def load_checkpoint(path: str | Path, device: torch.device) -> TrainedModel:
     """Rebuild a model from a medseg checkpoint; tensors and plain data only (``weights_only``)."""
     path = Path(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a corrupt or foreign file is reported, never executed
-        raise MedsegError(f"{path}: cannot load checkpoint ({type(e).__name__}: {e})") from None
-    if "medseg" not in ckpt or "state_dict" not in ckpt:
+    ckpt = load_weights_only(path)
+    if not isinstance(ckpt, dict) or "medseg" not in ckpt or "state_dict" not in ckpt:
         raise MedsegError(f"{path}: not a medseg checkpoint (no plan inside)")
     extras = ckpt["medseg"]
     plan = Plan.from_dict(extras["plan"])
@@ -69,7 +68,8 @@ def find_checkpoints(ckpt_dir: str | Path, which: str = "last") -> list[Path]:
     ``last`` (the default) are the final weights, the ones training validated, as nnU-Net; ``best`` falls
     back to ``last`` in a fold that has none."""
     ckpt_dir = Path(ckpt_dir)
-    fold_dirs = [ckpt_dir] if (ckpt_dir / "checkpoints").is_dir() else sorted(ckpt_dir.glob("fold_*"))
+    # fold_<k> only: folders set aside by overwrite=true (fold_<k>.replaced-<time>) are not ensemble members
+    fold_dirs = [ckpt_dir] if (ckpt_dir / "checkpoints").is_dir() else run_fold_dirs(ckpt_dir)
     found = []
     for d in fold_dirs:
         for name in (f"{which}.ckpt", "last.ckpt"):

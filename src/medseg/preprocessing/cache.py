@@ -18,6 +18,7 @@ from tqdm import tqdm
 from medseg.atomic import atomic_path, file_signature, write_json
 from medseg.data.io import read_image, read_label
 from medseg.data.manifest import Case, Manifest
+from medseg.errors import WriteError
 from medseg.planning.plan import ConfigurationPlan, Plan
 from medseg.preprocessing.pipeline import class_locations, preprocess_image
 
@@ -49,14 +50,18 @@ class PreprocessedCache:
         return props.get("cache_key") == key and all(p[k].is_file() for k in ("image", "label", "locations"))
 
     def write(self, case_id: str, key: str, data: np.ndarray, label: np.ndarray, locations: dict, props: dict):
-        self.folder.mkdir(parents=True, exist_ok=True)
         p = self.paths(case_id)
-        p["properties"].unlink(missing_ok=True)  # invalidate first: a crash below leaves no trusted entry
-        _atomic_save_npy(p["image"], data)
-        _atomic_save_npy(p["label"], label)
-        with atomic_path(p["locations"], suffix=".npz") as tmp:
-            np.savez(tmp, **{str(k): v for k, v in locations.items()})
-        write_json(p["properties"], {**props, "cache_key": key}, indent=None)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            p["properties"].unlink(missing_ok=True)  # invalidate first: a crash below leaves no trusted entry
+            _atomic_save_npy(p["image"], data)
+            _atomic_save_npy(p["label"], label)
+            with atomic_path(p["locations"], suffix=".npz") as tmp:
+                np.savez(tmp, **{str(k): v for k, v in locations.items()})
+            write_json(p["properties"], {**props, "cache_key": key}, indent=None)
+        except OSError as e:  # disk full, permissions: the case stays untrusted and is redone next time
+            raise WriteError(f"{p['properties']}: cannot write the preprocessed case {case_id} "
+                             f"({e.strerror or e}); it is redone on the next run") from e
 
     def load_properties(self, case_id: str) -> dict:
         return json.loads(self.paths(case_id)["properties"].read_text())

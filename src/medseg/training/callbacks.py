@@ -39,19 +39,32 @@ class EpochSummary(Callback):
 
     `train_seconds[i]` is the training-only time of the i-th epoch run by this trainer (epoch start to the end
     of its last training batch, so validation is excluded); it is also logged as `time/train_epoch_s`.
+    `wait_seconds[i]` is the part of it spent between batches (the loader's next batch, its transfer and
+    device-side augmentation being queued), logged as `time/data_wait_epoch_s`: when it is a large share of the
+    training time, the loader is the bottleneck. On a GPU the steps are asynchronous, so a step's kernels may
+    still run while the next batch is fetched: the wait is the time the loop was blocked, not the loader's cost.
     """
 
     def __init__(self) -> None:
         self.train_seconds: list[float] = []
         self.epoch_seconds: list[float] = []
+        self.wait_seconds: list[float] = []
         self._start = time.perf_counter()
         self._last_batch_end: float | None = None
         self._batches = 0
+        self._wait = 0.0
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = time.perf_counter()
         self._last_batch_end = None
         self._batches = 0
+        self._wait = 0.0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        # Lightning calls this after fetching the batch and moving it to the device
+        previous = self._last_batch_end if self._last_batch_end is not None else self._start
+        self._wait += time.perf_counter() - previous
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -66,8 +79,10 @@ class EpochSummary(Callback):
         train_s = (self._last_batch_end if self._last_batch_end is not None else now) - self._start
         self.epoch_seconds.append(epoch_s)
         self.train_seconds.append(train_s)
+        self.wait_seconds.append(self._wait)
         # every rank logs, so that no rank waits on a collective the others skip
         pl_module.log("time/train_epoch_s", train_s, on_step=False, on_epoch=True, batch_size=1)
+        pl_module.log("time/data_wait_epoch_s", self._wait, on_step=False, on_epoch=True, batch_size=1)
         if trainer.is_global_zero:
             log.info(self._line(trainer, epoch_s, train_s))
 
@@ -83,7 +98,7 @@ class EpochSummary(Callback):
         # that is infinite (iterable datasets) or an epoch is cut short
         timing = f"train {train_s:.1f} s"
         if self._batches and train_s > 0:
-            timing += f", {self._batches / train_s:.1f} it/s"
+            timing += f", {self._batches / train_s:.1f} it/s, waiting for data {self._wait:.1f} s"
         parts.append(f"{epoch_s:.1f} s ({timing})")
         if max_epochs:
             # the mean over the epochs this trainer has run, validation included: a resumed fold restarts it

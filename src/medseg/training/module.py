@@ -31,10 +31,7 @@ class SegmentationModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         image, label = batch
-        loss = self.loss(self.model(image), label)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss {loss.item()} at epoch {self.current_epoch}, "
-                                     f"step {self.global_step}; the last good checkpoint is kept")
+        loss = self.loss(self.model(image), label)  # a non-finite loss is stopped by training.guards
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=image.shape[0])
         return loss
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -16,10 +17,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from medseg.atomic import write_json
+from medseg.checkpoint import load_weights_only
 from medseg.data.augmentation import nnunet_settings
 from medseg.data.datamodule import SegmentationDataModule
-from medseg.errors import ConfigError
+from medseg.errors import CheckpointError, ConfigError
 from medseg.inference.predictor import Predictor, load_checkpoint
+from medseg.locking import exclusive
 from medseg.losses import create_loss
 from medseg.losses.registry import with_deep_supervision
 from medseg.models import create_model
@@ -28,7 +31,9 @@ from medseg.models.transformer import adapt_patch, patch_multiple
 from medseg.prepare import prepare
 from medseg.training.callbacks import build_callbacks
 from medseg.training.checkpoint_io import AtomicCheckpointIO
+from medseg.training.guards import FiniteGuard
 from medseg.training.module import SegmentationModule
+from medseg.training.timing import fit_timing, reset_peak_memory
 from medseg.training.validation import validate_fold
 
 log = logging.getLogger(__name__)
@@ -122,6 +127,17 @@ def _adapt_patch_to_model(plan, config, model_name: str):
 
 
 def train_fold(cfg: DictConfig) -> dict:
+    """Train one fold; a second run on the same fold folder is refused while this one runs (DDP's extra
+    processes re-run this job under the first one's lock, so they take none)."""
+    fold = int(cfg.fold)
+    run_dir = Path(cfg.run_dir)
+    lock = (exclusive(run_dir / f".fold_{fold}.lock", run_dir / f"fold_{fold}", "training run")
+            if _is_first_process() else contextlib.nullcontext())
+    with lock:
+        return _train_fold(cfg)
+
+
+def _train_fold(cfg: DictConfig) -> dict:
     fold = int(cfg.fold)
     fold_dir = Path(cfg.run_dir) / f"fold_{fold}"
     metrics_path = fold_dir / "metrics.json"
@@ -139,6 +155,14 @@ def train_fold(cfg: DictConfig) -> dict:
             _set_aside_validation(fold_dir, epochs)
     if cfg.overwrite and _is_first_process():
         _set_aside(fold_dir)
+    last = fold_dir / "checkpoints" / "last.ckpt"
+    if cfg.resume and last.is_file():
+        # a damaged or foreign last.ckpt is refused now, before preparing data; nothing is moved or deleted
+        try:
+            load_weights_only(last, mmap=True)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}; to train the fold again, move {last.name} aside (overwrite=true sets "
+                                  "the whole fold folder aside)") from None
 
     if cfg.configuration not in TRAINABLE:
         raise ConfigError(f"configuration={cfg.configuration} cannot be trained yet; trainable: {sorted(TRAINABLE)}")
@@ -187,16 +211,19 @@ def train_fold(cfg: DictConfig) -> dict:
     latest = ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
                              enable_version_counter=False)
     callbacks, progress_bar = build_callbacks(cfg.callbacks)
-    trainer = L.Trainer(logger=instantiate(cfg.logger), callbacks=[best, latest, *callbacks],
+    guard = FiniteGuard(ckpt_dir / "last.ckpt")
+    trainer = L.Trainer(logger=instantiate(cfg.logger), callbacks=[guard, best, latest, *callbacks],
                         enable_progress_bar=progress_bar, default_root_dir=str(fold_dir),
                         plugins=[AtomicCheckpointIO()], **_trainer_kwargs(cfg))
-    last = ckpt_dir / "last.ckpt"
     resume_from = str(last) if cfg.resume and last.is_file() else None
     if resume_from:
         log.info("resuming from %s", resume_from)
     log.info("fold %d: %d training / %d validation cases, patch %s, batch %d", fold, len(train_ids),
              len(val_ids), config.patch_size, batch_size)
+    reset_peak_memory()
+    fit_start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    fit_s = time.perf_counter() - fit_start
 
     if not cfg.validation.final or not trainer.is_global_zero:
         return {}
@@ -204,11 +231,12 @@ def train_fold(cfg: DictConfig) -> dict:
     # on them again would flatter the cross-validation result
     chosen = ckpt_dir / f"{cfg.validation.checkpoint}.ckpt"
     device = next(module.parameters()).device
+    timing = fit_timing(trainer, device, fit_s, int(cfg.sampling.iterations_per_epoch))
     trained = load_checkpoint(chosen if chosen.is_file() else last, device)
     predictor = Predictor([trained], overlap=float(cfg.validation.overlap),
                           mirror_axes=_mirror_axes(cfg.validation.mirror_axes, augmentation, config.spatial_dims),
                           device=device)
     metrics = validate_fold(predictor, manifest, val_ids, fold_dir, fold,
-                            extra={"epochs": trainer.current_epoch, "checkpoint": trained.source})
+                            extra={"epochs": trainer.current_epoch, "checkpoint": trained.source, "timing": timing})
     log.info("fold %d validation: mean Dice %.4f %s", fold, metrics["dice_mean"], metrics["dice"])
     return metrics

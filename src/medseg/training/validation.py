@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from medseg.data.io import read_image, read_label, write_label
@@ -23,11 +25,14 @@ def validate_fold(predictor: Predictor, manifest: Manifest, case_ids: list[str],
     names = {c: n for c, n in manifest.labels.items() if c != 0}
     rows = []
     candidates = []  # Dice with and without keep-largest-component, for medseg-postprocess
+    predict_s = []  # per case: preprocessing, sliding window (mirroring included), back to input geometry; no file I/O
     for case_id in tqdm(case_ids, desc=f"validate fold {fold}", disable=not progress):
         case = manifest.case(case_id)
         image, geometry = read_image(case.images)
         reference, _ = read_label(case.label)
+        start = time.perf_counter()
         pred = predictor.predict_label(image, geometry.spacing)
+        predict_s.append(time.perf_counter() - start)
         write_label(pred, geometry, fold_dir / "validation" / f"{case_id}.nii.gz")
         scores = case_metrics(pred, reference, dict(sorted(names.items())), geometry.spacing)
         rows.append({"case_id": case_id, "fold": fold, **scores})
@@ -35,5 +40,8 @@ def validate_fold(predictor: Predictor, manifest: Manifest, case_ids: list[str],
     write_case_csv(rows, fold_dir / "validation" / "per_case.csv")
     write_case_csv(candidates, fold_dir / "validation" / CANDIDATES_FILE)
     metrics = {"fold": fold, **(extra or {}), **summarize(rows, names), "nsd_tolerance_mm": DEFAULT_TOLERANCE_MM}
+    metrics["timing"] = {**metrics.get("timing", {}),
+                         "inference_s_per_case": float(np.mean(predict_s)) if predict_s else None,
+                         "inference_s_median": float(np.median(predict_s)) if predict_s else None}
     write_json(fold_dir / "metrics.json", metrics)
     return metrics
