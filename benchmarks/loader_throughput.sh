@@ -7,16 +7,12 @@ set -euo pipefail
 data=$(cd "${1:-../shared/data/Task04_Hippocampus}" && pwd)
 repeats=${2:-3}
 batches=${3:-50}
-venv=${NNUNET_VENV:-/tmp/nnunet_venv}
 here=$(cd "$(dirname "$0")" && pwd)
 py=$(dirname "$(command -v medseg-plan)")/python  # medseg's interpreter
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$work"
-if [ ! -x "$venv/bin/nnUNetv2_plan_and_preprocess" ]; then
-  python3.11 -m venv "$venv"
-  "$venv/bin/pip" install -q torch==2.13.0 nnunetv2==2.8.1  # one call keeps the CPU torch wheel
-fi
+. "$here/nnunet_venv.sh"  # sets $venv
 quiet() { "$@" > "$work/setup.log" 2>&1 || { cat "$work/setup.log"; exit 1; }; }
 "$py" "$here/nnunet_raw.py" "$data" "$work/raw" > /dev/null
 export nnUNet_raw="$work/raw" nnUNet_preprocessed="$work/nn_pre" nnUNet_results="$work/nn_results"

@@ -6,14 +6,9 @@
 set -euo pipefail
 data=$(cd "${1:-../shared/data/Task04_Hippocampus}" && pwd)
 repeats=${2:-3}
-venv=${NNUNET_VENV:-/tmp/nnunet_venv}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-if [ ! -x "$venv/bin/nnUNetv2_plan_and_preprocess" ]; then
-  python3.11 -m venv "$venv"
-  # one call, so that pip keeps the CPU torch wheel (a second call would let torchvision pull a CUDA torch)
-  "$venv/bin/pip" install -q torch==2.13.0 nnunetv2==2.8.1
-fi
+. "$(dirname "$0")/nnunet_venv.sh"  # sets $venv
 # nnU-Net raw layout of the same files (symlinks; the data folder is never written)
 python3 "$(dirname "$0")/nnunet_raw.py" "$data" "$work/raw" > /dev/null
 export nnUNet_raw="$work/raw" nnUNet_results="$work/results"

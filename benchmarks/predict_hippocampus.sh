@@ -18,17 +18,12 @@ set -euo pipefail
 data=$(cd "${1:-../shared/data/Task04_Hippocampus}" && pwd)
 repeats=${2:-3}
 cases=${3:-40}
-venv=${NNUNET_VENV:-/tmp/nnunet_venv}
 here=$(cd "$(dirname "$0")" && pwd)
 py=$(dirname "$(command -v medseg-predict)")/python  # medseg's interpreter
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$work"  # anything written to a relative default path lands here
-if [ ! -x "$venv/bin/nnUNetv2_predict" ]; then
-  python3.11 -m venv "$venv"
-  # one call, so that pip keeps the CPU torch wheel (a second call would let torchvision pull a CUDA torch)
-  "$venv/bin/pip" install -q torch==2.13.0 nnunetv2==2.8.1
-fi
+. "$here/nnunet_venv.sh"  # sets $venv
 run_quiet() { "$@" > "$work/setup.log" 2>&1 || { cat "$work/setup.log"; exit 1; }; }
 
 echo "== plans"
