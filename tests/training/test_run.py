@@ -38,3 +38,58 @@ def test_the_2d_configuration_trains_and_validates_in_original_geometry(tmp_path
     for pred in (fold / "validation").glob("*.nii.gz"):
         image = nib.load(str(tmp_path / "data" / "synthetic" / "imagesTr" / pred.name))
         assert nib.load(str(pred)).shape == image.shape
+
+
+def test_channels_last_trains_on_channels_last_batches_and_validates(tmp_path, monkeypatch):
+    import torch
+
+    from medseg.training.module import SegmentationModule
+    from medseg.training.run import train_fold
+    from tests.conftest import compose
+
+    inputs, weights = [], []
+    step = SegmentationModule.training_step
+
+    def spy(self, batch, batch_idx):
+        original = self.model.forward
+
+        def forward(x):
+            inputs.append(x.is_contiguous(memory_format=torch.channels_last_3d))
+            return original(x)
+
+        conv = next(p for p in self.model.parameters() if p.ndim == 5 and p.shape[-1] == 3)
+        weights.append(conv.is_contiguous(memory_format=torch.channels_last_3d))
+        self.model.forward = forward
+        try:
+            return step(self, batch, batch_idx)
+        finally:
+            del self.model.forward
+
+    monkeypatch.setattr(SegmentationModule, "training_step", spy)
+    cfg = compose("train", ["debug=fast", f"paths.data={tmp_path / 'data'}", f"paths.output={tmp_path / 'out'}",
+                            f"paths.preprocessed={tmp_path / 'pre'}", "channels_last=true"])
+    metrics = train_fold(cfg)
+    assert inputs and all(inputs) and weights and all(weights)
+    assert metrics["num_cases"] == 5 and 0.0 <= metrics["dice_mean"] <= 1.0
+
+
+def test_channels_last_module_hands_the_network_channels_last_batches():
+    # two channels: a one-channel batch is channels-last and channels-first contiguous at once
+    import torch
+
+    from medseg.training.module import SegmentationModule
+
+    seen = []
+
+    class Recorder(torch.nn.Conv3d):
+        def forward(self, x):
+            seen.append(x.is_contiguous(memory_format=torch.channels_last_3d))
+            return super().forward(x)
+
+    image, label = torch.randn(2, 2, 4, 4, 4), torch.zeros(2, 4, 4, 4, dtype=torch.long)
+    loss = lambda out, ref: out.mean()  # noqa: E731 - any scalar will do
+    for channels_last in (False, True):
+        module = SegmentationModule(Recorder(2, 3, 1), loss, 3, [4, 4, 4], torch.optim.SGD,
+                                    channels_last=channels_last)
+        module.training_step((image, label), 0)
+    assert seen == [False, True]

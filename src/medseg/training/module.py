@@ -11,10 +11,15 @@ import torch.nn as nn
 from medseg.inference.sliding_window import predict_logits
 
 
+def channels_last_format(ndim: int) -> torch.memory_format:
+    """channels-last for a batch of 3D volumes (5 dims) or 2D images (4 dims)."""
+    return torch.channels_last_3d if ndim == 5 else torch.channels_last
+
+
 class SegmentationModule(L.LightningModule):
     def __init__(self, model: nn.Module, loss: nn.Module, num_classes: int, patch_size,
                  optimizer: Callable, scheduler: Callable | None = None, checkpoint_extras: dict | None = None,
-                 val_overlap: float = 0.5):
+                 val_overlap: float = 0.5, channels_last: bool = False):
         super().__init__()
         self.model = model
         self.loss = loss
@@ -24,6 +29,7 @@ class SegmentationModule(L.LightningModule):
         self.scheduler_factory = scheduler
         self.checkpoint_extras = checkpoint_extras or {}
         self.val_overlap = val_overlap
+        self.channels_last = channels_last
         self._val_counts = None
 
     def forward(self, x: torch.Tensor):
@@ -31,6 +37,8 @@ class SegmentationModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         image, label = batch
+        if self.channels_last:
+            image = image.contiguous(memory_format=channels_last_format(image.ndim))
         loss = self.loss(self.model(image), label)  # a non-finite loss is stopped by training.guards
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=image.shape[0])
         return loss

@@ -32,7 +32,7 @@ from medseg.prepare import prepare
 from medseg.training.callbacks import build_callbacks
 from medseg.training.checkpoint_io import AtomicCheckpointIO
 from medseg.training.guards import FiniteGuard
-from medseg.training.module import SegmentationModule
+from medseg.training.module import SegmentationModule, channels_last_format
 from medseg.training.timing import fit_timing, reset_peak_memory
 from medseg.training.validation import validate_fold
 
@@ -183,9 +183,13 @@ def _train_fold(cfg: DictConfig) -> dict:
     loss = with_deep_supervision(create_loss(loss_kwargs.pop("name"), **loss_kwargs), heads + 1)
     extras = {"plan": plan.to_dict(), "configuration": config.name, "fold": fold,
               "model": {"name": str(cfg.model.name), "kwargs": model_kwargs}}
+    channels_last = bool(cfg.get("channels_last", False))
+    if channels_last:
+        # weights and batches in channels-last layout: oneDNN/cuDNN convolutions without layout conversions
+        model.to(memory_format=channels_last_format(config.spatial_dims + 2))
     module = SegmentationModule(model, loss, manifest.num_classes, config.patch_size, instantiate(cfg.optimizer),
                                 instantiate(cfg.scheduler) if cfg.get("scheduler") else None, extras,
-                                val_overlap=float(cfg.validation.overlap))
+                                val_overlap=float(cfg.validation.overlap), channels_last=channels_last)
     batch_size = int(cfg.sampling.batch_size or config.batch_size)
     augmentation, augment_on_device = _augmentation(cfg, config.patch_size)
     datamodule = SegmentationDataModule(prepared.cache(config.name), train_ids, val_ids, config.patch_size,
