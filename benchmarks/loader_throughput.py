@@ -36,7 +36,7 @@ def medseg(task: str, preprocessed: str, batches: int) -> None:
     from medseg.cli.common import CONFIG_DIR
     from medseg.data.datamodule import SegmentationDataModule
     from medseg.prepare import prepare
-    from medseg.training.run import _augmentation
+    from medseg.training.run import augmentation_settings
 
     torch.set_num_threads(1)  # one loader process, as nnU-Net's augmenter runs single-threaded numpy/torch
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
@@ -46,7 +46,7 @@ def medseg(task: str, preprocessed: str, batches: int) -> None:
     prepared = prepare(cfg, ["3d_fullres"])
     config = prepared.plan.configuration("3d_fullres")
     train_ids, val_ids = prepared.manifest.split(0)
-    augmentation, on_device = _augmentation(cfg, config.patch_size)
+    augmentation, on_device = augmentation_settings(cfg, config.patch_size)
     batch_size = int(cfg.sampling.batch_size or config.batch_size)
     datamodule = SegmentationDataModule(prepared.cache("3d_fullres"), train_ids, val_ids, config.patch_size,
                                         batch_size, batches + 3, cfg.sampling.oversample_foreground, 0,

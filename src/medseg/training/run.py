@@ -63,7 +63,8 @@ def _num_workers(cfg: DictConfig) -> int:
     return min(12, max(0, cpus - 2)) if _on_gpu(cfg) else 0
 
 
-def _augmentation(cfg: DictConfig, patch_size):
+def augmentation_settings(cfg: DictConfig, patch_size):
+    """The config's augmentation (None when disabled) and whether it runs on the training device."""
     aug = cfg.get("augmentation")
     if aug is None or not aug.enabled:
         return None, False
@@ -191,7 +192,7 @@ def _train_fold(cfg: DictConfig) -> dict:
                                 instantiate(cfg.scheduler) if cfg.get("scheduler") else None, extras,
                                 val_overlap=float(cfg.validation.overlap), channels_last=channels_last)
     batch_size = int(cfg.sampling.batch_size or config.batch_size)
-    augmentation, augment_on_device = _augmentation(cfg, config.patch_size)
+    augmentation, augment_on_device = augmentation_settings(cfg, config.patch_size)
     datamodule = SegmentationDataModule(prepared.cache(config.name), train_ids, val_ids, config.patch_size,
                                         batch_size, cfg.sampling.iterations_per_epoch,
                                         cfg.sampling.oversample_foreground, _num_workers(cfg),
