@@ -32,6 +32,7 @@ def test_the_2d_configuration_trains_and_validates_in_original_geometry(tmp_path
     assert timing["device"] == "cpu" and timing["peak_gpu_memory_gb"] is None
     assert timing["epochs_timed"] == metrics["epochs"] == 2 and timing["iterations_per_epoch"] == 4
     assert 0 < timing["train_epoch_s_median"] <= timing["epoch_s_median"] < timing["train_s"]
+    assert 0 <= timing["data_wait_epoch_s_median"] <= timing["train_epoch_s_median"]
     assert 0 < timing["peak_rss_gb"] < 64 and timing["inference_s_per_case"] > 0
     config = json.loads((fold / "plan.json").read_text())["configurations"]["2d"]
     assert len(config["patch_size"]) == 2

@@ -68,7 +68,7 @@ def fit_timing(trainer: L.Trainer, device: torch.device, fit_s: float, iteration
     summary = next((c for c in trainer.callbacks if isinstance(c, EpochSummary)), None)
     epoch_s = list(summary.epoch_seconds) if summary else []
     train_s = list(summary.train_seconds) if summary else []
-    wait_s = list(getattr(summary, "wait_seconds", [])) if summary else []
+    wait_s = list(summary.wait_seconds) if summary else []
     return {
         "train_s": float(fit_s),
         "epochs_timed": len(epoch_s),
