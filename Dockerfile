@@ -1,6 +1,7 @@
 # medseg on a CUDA-capable PyTorch base. Build: docker build -t medseg .
-# Run:  docker run --gpus all -v /path/to/data:/data -v /path/to/outputs:/outputs medseg \
+# Run:  docker run --gpus all --shm-size=8g -v /path/to/data:/data -v /path/to/outputs:/outputs medseg \
 #         train data=msd data.root=/data/Task04_Hippocampus
+# (--shm-size: loader workers pass batches through /dev/shm, 64 MiB by default in Docker; --ipc=host also works)
 FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
 
 ENV PYTHONUNBUFFERED=1 \

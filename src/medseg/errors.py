@@ -4,7 +4,10 @@ from __future__ import annotations
 
 
 class MedsegError(Exception):
-    """Base class of errors caused by input or configuration, reported without a traceback by the CLIs."""
+    """Base class of errors caused by input or configuration, reported without a traceback by the CLIs, which
+    exit with ``exit_code``."""
+
+    exit_code = 2
 
 
 class DatasetError(MedsegError):
@@ -38,3 +41,11 @@ class NonFiniteError(MedsegError, FloatingPointError):
 
 class LockedError(MedsegError):
     """Another medseg process is using the same output folder."""
+
+
+class TrainingInterrupted(MedsegError):
+    """Training was stopped by SIGTERM before it finished; its last checkpoint is kept for resuming. Exits with
+    the status a process killed by SIGTERM has (128 + 15), so schedulers and ``&&`` chains see an unfinished
+    job."""
+
+    exit_code = 143

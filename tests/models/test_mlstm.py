@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import medseg.models.mlstm as mlstm_module
 from medseg.models.mlstm import ViLBlockPair, mLSTMLayer, mlstm_chunkwise, mlstm_parallel, run_on_feature_map
 
 # (S, chunk_size): divisible, not divisible, chunk larger than S, chunk of one token, single full chunk
@@ -18,9 +19,10 @@ def _inputs(seq: int, regime: str, dtype=torch.float32, batch: int = 2, heads: i
         return torch.randn(*shape, generator=g, dtype=dtype)
 
     # "balanced": O(1) outputs, both normaliser branches; "gate_bound": strongly negative input gates, so
-    # exp(-m) dominates the normaliser; "wide": large gates and q.k, |n^T q| can nearly cancel (ill-conditioned)
+    # exp(-m) dominates the normaliser; "wide": large gates and q.k, |n^T q| can nearly cancel (ill-conditioned);
+    # "large_gates": input gates spanning exp(+-30), where the stabilised weights need float32 to stay accurate
     qk_scale, i_mean, i_std = {"balanced": (0.5, 0.0, 1.0), "gate_bound": (1.0, -3.0, 1.0),
-                               "wide": (1.0, 0.0, 2.0)}[regime]
+                               "wide": (1.0, 0.0, 2.0), "large_gates": (1.0, 0.0, 10.0)}[regime]
     q = randn(batch, heads, seq, dim) * qk_scale
     k = randn(batch, heads, seq, dim) * qk_scale
     v = randn(batch, heads, seq, dim)
@@ -93,6 +95,48 @@ def test_chunkwise_matches_parallel_when_ill_conditioned(seq, chunk):
     assert (out32.double() - ref).abs().max() <= 1e-4 * ref.abs().max()
     for g, g_ref in zip(grads32, ref_grads):
         assert (g.double() - g_ref).abs().max() <= 1e-4 * g_ref.abs().max()
+
+
+@pytest.mark.parametrize("cell", [mlstm_chunkwise, mlstm_parallel])
+def test_cells_compute_in_float32_under_bf16_autocast(cell):
+    # autocast would re-cast the matmul inputs to bf16 after the cells upcast them; with large input gates that
+    # costs a sizeable fraction of the output's scale
+    inputs, upstream = _inputs(50, "large_gates")
+    inputs64 = [t.detach().double().requires_grad_() for t in inputs]
+    ref, ref_grads = _output_and_grads(mlstm_parallel, inputs64, upstream.double())
+    kw = {"chunk_size": 16} if cell is mlstm_chunkwise else {}
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the forward only, as in training
+        out = cell(*inputs, **kw)
+    grads = torch.autograd.grad((out * upstream).sum(), inputs)
+    assert out.dtype == torch.float32  # float32 in, float32 out
+    assert (out.double() - ref).abs().max() <= 1e-3 * ref.abs().max()
+    for name, g, g_ref in zip(["q", "k", "v", "i_gate", "f_gate"], grads, ref_grads):
+        assert (g.double() - g_ref).abs().max() <= 1e-3 * g_ref.abs().max(), name
+
+
+def test_layer_core_is_accurate_under_bf16_autocast(monkeypatch):
+    calls = []
+
+    def recording_chunkwise(*args, **kwargs):
+        out = mlstm_chunkwise(*args, **kwargs)
+        calls.append((args[:5], out))
+        return out
+
+    monkeypatch.setattr(mlstm_module, "mlstm_chunkwise", recording_chunkwise)
+    torch.manual_seed(0)
+    layer = mLSTMLayer(32, num_heads=2, chunk_size=16)
+    with torch.no_grad():
+        layer.i_gate.weight.normal_(0.0, 2.0)  # input-gate pre-activations with a std of about 6
+    x = torch.randn(2, 60, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    (q, k, v, i_gate, f_gate), h = calls[0]
+    assert q.dtype == torch.bfloat16 and i_gate.abs().max() > 10
+    assert h.dtype == torch.bfloat16  # the cell returns the caller's dtype ...
+    assert y.dtype == torch.float32   # ... and the residual stream keeps the input's
+    ref = mlstm_parallel(*(t.double() for t in (q, k, v, i_gate, f_gate)))
+    # rounding the result to bf16 alone costs up to 2^-9 of it
+    assert (h.double() - ref).abs().max() <= 1e-2 * ref.abs().max()
 
 
 def test_chunkwise_rejects_bad_arguments():

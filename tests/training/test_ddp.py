@@ -10,6 +10,7 @@ from pathlib import Path
 from unittest import mock
 
 import numpy as np
+import torch
 
 from medseg.data import datamodule
 
@@ -36,3 +37,8 @@ def test_two_process_ddp_run_trains_and_validates_once(tmp_path):
     metrics = json.loads((fold / "metrics.json").read_text())
     assert metrics["num_cases"] == 5 and np.isfinite(metrics["dice_mean"])
     assert out.count("fold 0 validation: mean Dice") == 1  # only rank 0 runs the final validation
+    # the recipe of one process: the plan's batch of 2 split in two, every one of the 2 x 4 optimizer steps run
+    assert "rank 0 of 2: 1 of the batch's 2 samples (0 centred on foreground), all 4 iterations" in out
+    assert "rank 1 of 2: 1 of the batch's 2 samples (1 centred on foreground), all 4 iterations" in out
+    last = torch.load(fold / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 8 and metrics["epochs"] == 2

@@ -37,6 +37,6 @@ def friendly_errors(fn):
         except MedsegError as e:
             logging.getLogger("medseg").error("%s", e)
             print(f"medseg: error: {e}", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(e.exit_code)
 
     return wrapper

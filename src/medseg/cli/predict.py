@@ -22,7 +22,7 @@ def main(cfg: DictConfig) -> None:
                              overlap=float(cfg.overlap), mirror_axes=mirror_axes, overwrite=bool(cfg.overwrite),
                              device=str(cfg.device), sw_batch_size=cfg.sw_batch_size,
                              save_probabilities=bool(cfg.save_probabilities), background_io=bool(cfg.background_io),
-                             postprocessing=bool(cfg.postprocessing))
+                             postprocessing=bool(cfg.postprocessing), precision=str(cfg.precision))
     print(summary.report())
     if summary.failed:
         raise SystemExit(1)

@@ -1,6 +1,13 @@
-"""LightningDataModule: random patch batches for training, whole preprocessed volumes for validation."""
+"""LightningDataModule: random patch batches for training; for the per-epoch pseudo-Dice, a fixed budget of
+validation patches (as nnU-Net) or, on request, whole preprocessed validation volumes.
+
+Every process (DDP rank) draws its own batches: rank r takes its share of the plan's batch (the global batch
+stays the plan's, whatever the number of GPUs, as nnU-Net splits it) and runs every iteration of the epoch.
+Validation patches and volumes are split between the ranks without repeats, so each counts once."""
 
 from __future__ import annotations
+
+import logging
 
 import lightning as L
 import numpy as np
@@ -8,9 +15,14 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
-from medseg.data.augmentation import AugmentationSettings, augment_batch, sampling_patch_size
+from medseg.data.augmentation import (AugmentationSettings, apply_augmentation, augment_batch, draw_augmentation,
+                                      sampling_patch_size)
 from medseg.data.sampling import sample_patch
+from medseg.data.shared_memory import sized_loader
+from medseg.errors import ConfigError
 from medseg.preprocessing.cache import PreprocessedCache
+
+log = logging.getLogger(__name__)
 
 
 def _process_seed(offset: int) -> int:
@@ -21,13 +33,60 @@ def _process_seed(offset: int) -> int:
     return (torch.initial_seed() + 1_000_003 * rank + 7919 * offset) % 2**63
 
 
+def batch_share(batch_size: int, num_foreground: int, rank: int, world_size: int) -> tuple[int, int]:
+    """(samples, foreground-forced samples) of rank ``rank`` when the global batch is split over ``world_size``
+    processes as nnU-Net splits it: contiguous slices of the batch (the first ranks take one more when it does
+    not divide), the forced samples being the batch's last ``num_foreground``, wherever they fall."""
+    if batch_size < world_size:
+        raise ConfigError(f"batch size {batch_size} is smaller than the {world_size} processes it is split over; "
+                          "raise sampling.batch_size or use fewer devices")
+    sizes = [batch_size // world_size + (1 if r < batch_size % world_size else 0) for r in range(world_size)]
+    start = sum(sizes[:rank])
+    stop = start + sizes[rank]
+    first_forced = batch_size - num_foreground
+    return sizes[rank], max(0, stop - max(start, first_forced))
+
+
+class CaseArrays:
+    """Memory-mapped arrays of preprocessed cases, opened once per process."""
+
+    def __init__(self, cache: PreprocessedCache):
+        self.cache = cache
+        self._arrays: dict = {}
+
+    def __call__(self, case_id: str):
+        if case_id not in self._arrays:
+            self._arrays[case_id] = self.cache.load_arrays(case_id, mmap=True)
+        return self._arrays[case_id]
+
+
+def draw_patches(cases: CaseArrays, case_ids: list[str], size, batch_size: int, num_foreground: int,
+                 rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """A batch of patches: image float32 (B, C, *size), label (B, 1, *size) as uint8 (an eighth of the bytes
+    through shared memory and to the GPU) where the values allow, and the case ids. The last
+    ``num_foreground`` samples are centred on foreground."""
+    images, labels, ids = [], [], []
+    for k in range(batch_size):
+        case_id = case_ids[rng.integers(len(case_ids))]
+        data, label, locations = cases(case_id)
+        x, y = sample_patch(data, label, locations, size, rng, k >= batch_size - num_foreground)
+        images.append(x)
+        labels.append(y)
+        ids.append(case_id)
+    image = torch.from_numpy(np.stack(images).astype(np.float32, copy=False))
+    stacked = np.stack(labels)
+    label = torch.from_numpy(stacked.astype(np.uint8 if stacked.max() < 256 else np.int64))[:, None]
+    return image, label, ids
+
+
 class PatchBatches(Dataset):
     """Item i is a whole batch, so the foreground-oversampled share is exact per batch (as nnU-Net):
     the last round(batch * oversample) samples are centred on foreground.
 
     With augmentation, patches are cut larger (room for rotation and scaling). ``augment_in_loader`` False
-    leaves the augmentation to the device the batch goes to: the item is then a dict with the raw patches
-    and a seed, and ``SegmentationDataModule.on_after_batch_transfer`` finishes it."""
+    leaves the augmentation to the device the batch goes to: the item is then a dict with the raw patches, every
+    random parameter drawn here (one tensor, pinned and moved with the batch) and their plan (python data), and
+    ``SegmentationDataModule.on_after_batch_transfer`` finishes it without a host-device sync."""
 
     def __init__(self, cache: PreprocessedCache, case_ids: list[str], patch_size, batch_size: int,
                  iterations: int, oversample_foreground: float, augmentation: AugmentationSettings | None,
@@ -35,54 +94,98 @@ class PatchBatches(Dataset):
         self.cache = cache
         self.case_ids = list(case_ids)
         self.patch_size = [int(p) for p in patch_size]
-        self.batch_size = int(batch_size)
+        self.global_batch_size = int(batch_size)
+        self.global_num_foreground = int(round(self.global_batch_size * oversample_foreground))
+        self.batch_size, self.num_foreground = self.global_batch_size, self.global_num_foreground
         self.iterations = int(iterations)
-        self.num_foreground = int(round(self.batch_size * oversample_foreground))
         self.augmentation = augmentation
         self.augment_in_loader = augment_in_loader
         self.sample_size = sampling_patch_size(self.patch_size, augmentation) if augmentation else self.patch_size
         self.seed_offset = 0
         self._rng: np.random.Generator | None = None
-        self._arrays: dict = {}
+        self._cases = CaseArrays(cache)
+
+    def set_rank(self, rank: int, world_size: int) -> None:
+        """This process's share of every batch (the whole batch without DDP)."""
+        self.batch_size, self.num_foreground = batch_share(self.global_batch_size, self.global_num_foreground,
+                                                           rank, world_size)
+
+    def batch_bytes(self, channels: int) -> int:
+        """Bytes of one batch as it leaves a loader worker (float32 images at the sampled size, uint8 labels)."""
+        return self.batch_size * int(np.prod(self.sample_size)) * (4 * channels + 1)
 
     def __len__(self) -> int:
         return self.iterations
-
-    def _case(self, case_id: str):
-        if case_id not in self._arrays:
-            self._arrays[case_id] = self.cache.load_arrays(case_id, mmap=True)
-        return self._arrays[case_id]
 
     def __getitem__(self, index: int):
         if self._rng is None:
             self._rng = np.random.default_rng(_process_seed(self.seed_offset))
         rng = self._rng
-        images, labels = [], []
-        for k in range(self.batch_size):
-            data, label, locations = self._case(self.case_ids[rng.integers(len(self.case_ids))])
-            force = k >= self.batch_size - self.num_foreground
-            x, y = sample_patch(data, label, locations, self.sample_size, rng, force)
-            images.append(x)
-            labels.append(y)
-        image = torch.from_numpy(np.stack(images).astype(np.float32, copy=False))
-        labels = np.stack(labels)
-        # labels travel as uint8 (an eighth of the bytes through shared memory and to the GPU)
-        label = torch.from_numpy(labels.astype(np.uint8 if labels.max() < 256 else np.int64))[:, None]
+        image, label, _ = draw_patches(self._cases, self.case_ids, self.sample_size, self.batch_size,
+                                       self.num_foreground, rng)
         if self.augmentation is None:
             return image, label.long()
         seed = int(rng.integers(2**62))
         if not self.augment_in_loader:
-            return {"image": image, "label": label, "seed": torch.tensor(seed)}
+            # every random choice is made here, on the host: the parameters travel as one tensor, pinned and
+            # copied with the batch, and the plan as python data (the class count read from these host labels)
+            draw = draw_augmentation(seed, image.shape[0], image.shape[1], self.patch_size, self.augmentation,
+                                     int(label.max()) + 1)
+            return {"image": image, "label": label, "params": draw.params, "plan": draw.plan}
         image, label = augment_batch(image, label, self.patch_size, self.augmentation, seed)
         return image, label.long()
 
 
+class ValidationPatches(Dataset):
+    """The per-epoch pseudo-Dice's data, as nnU-Net's: ``iterations`` batches of patches (no augmentation,
+    the training batch's foreground share) from the validation cases. Item i is the same patches every epoch
+    (seeded by seed, rank and i), so epochs are compared on the same data; ranks draw different ones."""
+
+    def __init__(self, cache: PreprocessedCache, case_ids: list[str], patch_size, batch_size: int,
+                 iterations: int, oversample_foreground: float, seed: int = 0):
+        self.case_ids = list(case_ids)
+        self.patch_size = [int(p) for p in patch_size]
+        self.global_batch_size = int(batch_size)
+        self.global_num_foreground = int(round(self.global_batch_size * oversample_foreground))
+        self.batch_size, self.num_foreground = self.global_batch_size, self.global_num_foreground
+        self.iterations = int(iterations) if self.case_ids else 0
+        self.seed, self.rank = int(seed), 0
+        self._cases = CaseArrays(cache)
+
+    def set_rank(self, rank: int, world_size: int) -> None:
+        self.rank = rank
+        self.batch_size, self.num_foreground = batch_share(self.global_batch_size, self.global_num_foreground,
+                                                           rank, world_size)
+
+    def batch_bytes(self, channels: int) -> int:
+        return self.batch_size * int(np.prod(self.patch_size)) * (4 * channels + 1)
+
+    def __len__(self) -> int:
+        return self.iterations
+
+    def __getitem__(self, index: int):
+        rng = np.random.default_rng([self.seed, self.rank, index])
+        image, label, ids = draw_patches(self._cases, self.case_ids, self.patch_size, self.batch_size,
+                                         self.num_foreground, rng)
+        return image, label.long(), ids
+
+
 class Volumes(Dataset):
-    """Whole preprocessed validation cases: (image (c, *shape), label (1, *shape), case id)."""
+    """Whole preprocessed validation cases: (image (c, *shape), label (1, *shape), case id). Under DDP each
+    rank takes every world_size-th case: no case is padded in twice."""
 
     def __init__(self, cache: PreprocessedCache, case_ids: list[str]):
         self.cache = cache
+        self.all_case_ids = list(case_ids)
         self.case_ids = list(case_ids)
+
+    def set_rank(self, rank: int, world_size: int) -> None:
+        self.case_ids = self.all_case_ids[rank::world_size]
+
+    def batch_bytes(self, channels: int) -> int:
+        """The largest case's float32 image and int64 label (memory-mapped: only the headers are read)."""
+        voxels = [int(np.prod(self.cache.load_volume(c, mmap=True)[1].shape)) for c in self.case_ids]
+        return max(voxels, default=0) * (4 * channels + 8)
 
     def __len__(self) -> int:
         return len(self.case_ids)
@@ -92,33 +195,63 @@ class Volumes(Dataset):
         return torch.from_numpy(data), torch.from_numpy(label.astype(np.int64))[None], self.case_ids[index]
 
 
+VALIDATION_MODES = ("patches", "volumes")
+TRAIN_PREFETCH = 4  # batches each training loader worker prepares ahead
+VAL_PREFETCH = 2
+
+
 class SegmentationDataModule(L.LightningDataModule):
+    """``validation_mode``: "patches" (default; ``val_iterations`` batches of patches, as nnU-Net's 50) or
+    "volumes" (sliding window over up to ``max_val_cases`` whole held-out cases: closer to the final score,
+    but on large volumes it costs more than the epoch's training)."""
+
     def __init__(self, cache: PreprocessedCache, train_ids: list[str], val_ids: list[str], patch_size,
                  batch_size: int, iterations_per_epoch: int = 250, oversample_foreground: float = 0.33,
                  num_workers: int = 0, max_val_cases: int | None = None,
-                 augmentation: AugmentationSettings | None = None, augment_on_device: bool = False):
+                 augmentation: AugmentationSettings | None = None, augment_on_device: bool = False,
+                 validation_mode: str = "patches", val_iterations: int = 50, seed: int = 0, num_channels: int = 1):
         super().__init__()
+        if validation_mode not in VALIDATION_MODES:
+            raise ConfigError(f"validation.mode={validation_mode!r}: expected one of {list(VALIDATION_MODES)}")
         self.train_set = PatchBatches(cache, train_ids, patch_size, batch_size, iterations_per_epoch,
                                       oversample_foreground, augmentation, augment_in_loader=not augment_on_device)
-        self.val_set = Volumes(cache, val_ids[:max_val_cases] if max_val_cases else val_ids)
+        self.val_set: ValidationPatches | Volumes
+        if validation_mode == "patches":
+            self.val_set = ValidationPatches(cache, val_ids, patch_size, batch_size, val_iterations,
+                                             oversample_foreground, seed)
+        else:
+            self.val_set = Volumes(cache, val_ids[:max_val_cases] if max_val_cases else val_ids)
         self.num_workers = num_workers
+        self.num_channels = num_channels
+
+    def setup(self, stage: str) -> None:
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        self.train_set.set_rank(rank, world)
+        self.val_set.set_rank(rank, world)
+        if world > 1:
+            log.info("rank %d of %d: %d of the batch's %d samples (%d centred on foreground), all %d iterations",
+                     rank, world, self.train_set.batch_size, self.train_set.global_batch_size,
+                     self.train_set.num_foreground, self.train_set.iterations)
+
+    def _loader(self, dataset: Dataset, workers: int, prefetch: int, what: str, **kwargs) -> DataLoader:
+        plan = sized_loader(workers, prefetch, dataset.batch_bytes(self.num_channels), what)
+        return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=plan.workers,
+                          persistent_workers=plan.workers > 0, prefetch_factor=plan.prefetch, **kwargs)
 
     def train_dataloader(self):
         if self.trainer is not None:
             self.train_set.seed_offset = int(self.trainer.global_step)  # restored when resuming
-        workers = self.num_workers
-        return DataLoader(self.train_set, batch_size=None, shuffle=False, num_workers=workers,
-                          persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
-                          prefetch_factor=4 if workers > 0 else None)
+        return self._loader(self.train_set, self.num_workers, TRAIN_PREFETCH, "training",
+                            pin_memory=torch.cuda.is_available())
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        # patches deferred by the loader are augmented here, on the training device
+        # patches deferred by the loader are augmented here, on the training device, with the parameters that
+        # came with them: nothing is copied to the device or read back, so the host runs ahead
         if isinstance(batch, dict):
-            ts = self.train_set
-            image, label = augment_batch(batch["image"], batch["label"], ts.patch_size, ts.augmentation,
-                                         int(batch["seed"]))
+            image, label = apply_augmentation(batch["image"], batch["label"], batch["plan"], batch["params"])
             return image, label.long()
         return batch
 
     def val_dataloader(self):
-        return DataLoader(self.val_set, batch_size=None, shuffle=False, num_workers=min(self.num_workers, 2))
+        return self._loader(self.val_set, min(self.num_workers, 2), VAL_PREFETCH, "validation",
+                            pin_memory=torch.cuda.is_available())

@@ -120,7 +120,7 @@ def predict_folder(ckpt_dir: Path, input_dir: Path, output_dir: Path, checkpoint
                    overlap: float = 0.5, mirror_axes: str | Sequence[int] | None = "all", overwrite: bool = False,
                    device: str = "auto", sw_batch_size: int | str = "auto", progress: bool | None = None,
                    save_probabilities: bool = False, background_io: bool = True,
-                   postprocessing: bool = True) -> BatchSummary:
+                   postprocessing: bool = True, precision: str = "auto") -> BatchSummary:
     """Predict every case of ``input_dir`` (a folder, or a text file listing image paths) into ``output_dir``
     and write ``prediction_summary.json`` there. ``progress``: a bar (True), log lines (False), or a bar on a
     terminal only (None)."""
@@ -129,7 +129,7 @@ def predict_folder(ckpt_dir: Path, input_dir: Path, output_dir: Path, checkpoint
     models = [load_checkpoint(p, dev) for p in find_checkpoints(ckpt_dir, checkpoint)]
     if isinstance(mirror_axes, Sequence) and not isinstance(mirror_axes, str):
         mirror_axes = tuple(mirror_axes)
-    predictor = Predictor(models, overlap, mirror_axes, resolve_sw_batch_size(sw_batch_size, dev), dev)
+    predictor = Predictor(models, overlap, mirror_axes, resolve_sw_batch_size(sw_batch_size, dev), dev, precision)
     spec = find_postprocessing(ckpt_dir) if postprocessing else None
     if spec is not None:
         log.info("post-processing from cross-validation: %s", spec.to_dict())
@@ -139,12 +139,13 @@ def predict_folder(ckpt_dir: Path, input_dir: Path, output_dir: Path, checkpoint
     with exclusive(output_dir / LOCK_FILE, output_dir, "prediction"):
         summary = BatchSummary()
         jobs = pending_jobs(cases, output_dir, save_probabilities, overwrite, summary)
-        log.info("predicting %d case(s) with %d model(s) on %s", len(jobs), len(models), dev)
+        log.info("predicting %d case(s) with %d model(s) on %s (%s)", len(jobs), len(models), dev,
+                 predictor.precision)
         started = time.perf_counter()
         predict_cases(predictor, jobs, summary, progress=progress, background=background_io, postprocessing=spec)
         if jobs or not (output_dir / SUMMARY_FILE).exists():  # a run with nothing to do leaves the folder as it was
             record = {"input": str(input_dir), "output": str(output_dir), "checkpoints": [m.source for m in models],
-                      "device": str(dev), "overlap": overlap, "mirror_axes": _jsonable(mirror_axes),
+                      "device": str(dev), "precision": predictor.precision, "overlap": overlap, "mirror_axes": _jsonable(mirror_axes),
                       "save_probabilities": save_probabilities,
                       "postprocessing": spec.to_dict() if spec is not None else None,
                       "total_seconds": round(time.perf_counter() - started, 3), **summary.to_dict()}

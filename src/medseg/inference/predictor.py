@@ -25,6 +25,7 @@ from medseg.errors import MedsegError
 from medseg.evaluation.cv_summary import fold_dirs as run_fold_dirs
 from medseg.models import create_model
 from medseg.planning.plan import ConfigurationPlan, Plan
+from medseg.precision import autocast_dtype, cuda_capability, inference_precision
 from medseg.preprocessing.pipeline import CaseProperties, preprocess_image
 from medseg.inference.sliding_window import predict_logits
 
@@ -43,6 +44,7 @@ class TrainedModel:
     plan: Plan
     config: ConfigurationPlan
     source: str
+    precision: str = "32-true"  # what it was trained with (Lightning's name)
 
 
 def load_checkpoint(path: str | Path, device: torch.device) -> TrainedModel:
@@ -60,7 +62,13 @@ def load_checkpoint(path: str | Path, device: torch.device) -> TrainedModel:
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(state)
     model.to(device).eval()
-    return TrainedModel(model, plan, config, str(path))
+    return TrainedModel(model, plan, config, str(path), str(extras.get("precision", "32-true")))
+
+
+def first_precision(models: list[TrainedModel]) -> str:
+    """The ensemble's training precision; float32 when its members differ."""
+    kinds = {m.precision for m in models}
+    return kinds.pop() if len(kinds) == 1 else "32-true"
 
 
 def find_checkpoints(ckpt_dir: str | Path, which: str = "last") -> list[Path]:
@@ -132,6 +140,9 @@ class Predictor:
     mirror_axes: str | tuple[int, ...] | None = None  # "all", None or axes; resolved per model's configuration
     sw_batch_size: int = 4
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # the network's precision: "auto" follows training where safe on this device (medseg.precision), or a
+    # Lightning name ("32-true", "bf16-mixed", "16-mixed"); logits are always summed in float32
+    precision: str = "auto"
 
     def __post_init__(self):
         first = self.models[0].plan
@@ -140,6 +151,10 @@ class Predictor:
                 raise MedsegError(f"{m.source}: labels or channels differ from {self.models[0].source}; "
                                   "an ensemble must share them")
         self._mirror = {id(m): resolve_mirror_axes(self.mirror_axes, m.config.spatial_dims) for m in self.models}
+        if self.precision == "auto":
+            capability = cuda_capability(self.device) if self.device.type == "cuda" else None
+            self.precision = inference_precision(first_precision(self.models), self.device.type, capability)
+        self._autocast = autocast_dtype(self.precision)
         self._groups: dict[str, list[TrainedModel]] = {}
         for m in self.models:  # models sharing preprocessing share one preprocessed copy
             self._groups.setdefault(m.plan.preprocessing_key(m.config.name), []).append(m)
@@ -172,7 +187,7 @@ class Predictor:
             summed = None
             for m in g.models:
                 logits = predict_logits(m.model, g.data, m.config.patch_size, self.overlap, self._mirror[id(m)],
-                                        self.sw_batch_size, self.device).cpu()
+                                        self.sw_batch_size, self.device, self._autocast).cpu()
                 summed = logits if summed is None else summed.add_(logits)
                 del logits
             out.append(summed.to(LOGIT_DTYPE))

@@ -35,15 +35,17 @@ STREAM_VOXELS = 1 << 18  # CPU: parallel streams while their windows total at mo
 @torch.no_grad()
 def predict_logits(model: nn.Module, image: torch.Tensor, patch_size, overlap: float = 0.5,
                    mirror_axes: tuple[int, ...] | None = None, sw_batch_size: int = 4,
-                   device: torch.device | None = None) -> torch.Tensor:
-    """image (c, *spatial) -> logits (classes, *spatial), averaged over the mirrored copies. A 2D model on a
-    3D volume predicts it slice by slice along the first axis."""
+                   device: torch.device | None = None, autocast: torch.dtype | None = None) -> torch.Tensor:
+    """image (c, *spatial) -> float32 logits (classes, *spatial), averaged over the mirrored copies. A 2D model
+    on a 3D volume predicts it slice by slice along the first axis. ``autocast``: the network runs under
+    autocast to that dtype (bf16/fp16, as in mixed-precision training); windows and copies are still summed in
+    float32."""
     if len(patch_size) == image.ndim - 2:
         slices = [_predict(model, image[:, z:z + SLICES_PER_PASS].transpose(0, 1), patch_size, overlap,
-                           mirror_axes, sw_batch_size, device)
+                           mirror_axes, sw_batch_size, device, autocast)
                   for z in range(0, image.shape[1], SLICES_PER_PASS)]
         return torch.cat(slices, dim=0).transpose(0, 1)
-    return _predict(model, image[None], patch_size, overlap, mirror_axes, sw_batch_size, device)[0]
+    return _predict(model, image[None], patch_size, overlap, mirror_axes, sw_batch_size, device, autocast)[0]
 
 
 def mirror_flips(mirror_axes, spatial_dims: int) -> list[tuple[int, ...]]:
@@ -54,7 +56,7 @@ def mirror_flips(mirror_axes, spatial_dims: int) -> list[tuple[int, ...]]:
 
 
 def _predict(model: nn.Module, x: torch.Tensor, patch_size, overlap, mirror_axes, sw_batch_size,
-             device) -> torch.Tensor:
+             device, autocast: torch.dtype | None = None) -> torch.Tensor:
     """(batch, c, *spatial) -> (batch, classes, *spatial) float logits."""
     was_training = model.training
     model.eval()
@@ -70,7 +72,8 @@ def _predict(model: nn.Module, x: torch.Tensor, patch_size, overlap, mirror_axes
     groups = [flips[i:i + per_group] for i in range(0, len(flips), per_group)]
 
     def run(group: list[tuple[int, ...]]) -> list[torch.Tensor]:
-        with torch.no_grad():  # grad mode is per thread
+        # grad mode and autocast are per thread; MONAI's inferer sums windows into float32 buffers
+        with torch.no_grad(), torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             copies = torch.cat([torch.flip(x, dims) if dims else x for dims in group])
             if single:
                 out = _one_window(model, copies, patch, sw_batch_size)

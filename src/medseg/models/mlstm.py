@@ -20,6 +20,8 @@ exactly, normaliser included.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 
 import torch
@@ -48,6 +50,26 @@ def _upcast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.to(torch.promote_types(t.dtype, torch.float32)) for t in tensors)
 
 
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    # torch.autocast rejects device types without autocast (e.g. "meta"), where nothing is re-cast anyway
+    available = getattr(torch.amp, "is_autocast_available", lambda t: t in ("cpu", "cuda"))  # torch < 2.4
+    return torch.autocast(device_type, enabled=False) if available(device_type) else contextlib.nullcontext()
+
+
+def _outside_autocast(cell):
+    """Run ``cell`` with autocast off on the inputs' device. Upcasting to float32 is not enough on its own:
+    autocast re-casts matmul inputs to half precision, and with large input gates the stabilised weights
+    exp(w - m) then lose most of their accuracy. The result keeps the caller's dtype (``v``'s)."""
+
+    @functools.wraps(cell)
+    def run(q: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        with _autocast_off(q.device.type):
+            return cell(q, *args, **kwargs)
+
+    return run
+
+
+@_outside_autocast
 def mlstm_parallel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i_gate: torch.Tensor,
                    f_gate: torch.Tensor, eps: float = _EPS) -> torch.Tensor:
     """Quadratic (S x S per head) mLSTM; the reference for :func:`mlstm_chunkwise` on short sequences.
@@ -69,6 +91,7 @@ def mlstm_parallel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i_gate: to
     return ((scores @ v) / (norm + eps)).to(dtype)
 
 
+@_outside_autocast
 def mlstm_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i_gate: torch.Tensor,
                     f_gate: torch.Tensor, chunk_size: int = 64, eps: float = _EPS) -> torch.Tensor:
     """Chunkwise-parallel mLSTM: quadratic inside chunks of ``chunk_size`` tokens, recurrent across them.

@@ -3,7 +3,8 @@
 
 Written here because neither MONAI nor timm has this network: MONAI's DynUNet has one residual block per stage
 and SegResNet another topology. Same parameter count as nnU-Net's (dynamic_network_architectures 0.4.4) for the
-same plan, checked in tests/models/test_resenc_unet.py.
+same plan, less the segmentation heads whose outputs no loss uses (nnU-Net builds one per decoder level; with
+deep supervision the lowest one has loss weight 0), checked in tests/models/test_resenc_unet.py.
 """
 
 from __future__ import annotations
@@ -95,7 +96,6 @@ class ResEncUNet(nn.Module):
             cin = features[i]
         self.upsample = nn.ModuleList()
         self.decoder = nn.ModuleList()
-        self.seg_heads = nn.ModuleList()
         for t, level in enumerate(range(n - 2, -1, -1)):  # decoder stage t works at encoder level `level`
             self.upsample.append(_TRANSPOSED[dims](features[level + 1], features[level], strides[level + 1],
                                                    strides[level + 1]))
@@ -103,7 +103,11 @@ class ResEncUNet(nn.Module):
             convs += [conv_norm(dims, features[level], features[level], kernels[level])
                       for _ in range(decoder_convs[t] - 1)]
             self.decoder.append(nn.Sequential(*convs))
-            self.seg_heads.append(_CONV[dims](features[level], out_channels, 1))
+        # heads only where an output is returned, finest first (seg_heads[k] gives output k): nnU-Net also builds
+        # one on the lowest decoder level and gives it loss weight 0, but a parameter outside the loss makes
+        # DDP fail unless it searches for unused parameters on every step
+        self.seg_heads = nn.ModuleList(_CONV[dims](features[k], out_channels, 1) for k in range(self.heads + 1))
+        self.register_load_state_dict_pre_hook(_drop_unused_heads)
 
     def forward(self, x: torch.Tensor):
         skips = []
@@ -118,8 +122,23 @@ class ResEncUNet(nn.Module):
             outputs.append(x)
         if self.training and self.heads > 0:
             # finest first, at their own resolutions (the loss resizes the target to each)
-            return [self.seg_heads[-(k + 1)](outputs[-(k + 1)]) for k in range(self.heads + 1)]
-        return self.seg_heads[-1](outputs[-1])
+            return [head(outputs[-(k + 1)]) for k, head in enumerate(self.seg_heads)]
+        return self.seg_heads[0](outputs[-1])
+
+
+def _drop_unused_heads(module: ResEncUNet, state_dict: dict, prefix: str, *_) -> None:
+    """Load checkpoints of the earlier layout, a head on every decoder stage indexed coarsest first: the used
+    heads move to their finest-first index, the others are dropped."""
+    head = f"{prefix}seg_heads."
+    levels = len(module.decoder)
+    if f"{head}{len(module.seg_heads)}.weight" not in state_dict:
+        return  # the current layout
+    old = {k: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(head)]}
+    for key, value in old.items():
+        stage, param = key[len(head):].split(".", 1)
+        k = levels - 1 - int(stage)
+        if k < len(module.seg_heads):
+            state_dict[f"{head}{k}.{param}"] = value
 
 
 @register_model("resenc_unet")

@@ -91,6 +91,22 @@ class _DecoderTaps(nn.Module):
         return [logits] + [head(captured[name]) for head, name in zip(self.seg_heads, self.tap_names)]
 
 
+def _without_unused_norms(net: nn.Module) -> nn.Module:
+    """MONAI's TransformerBlock builds ``norm_cross_attn`` even without cross-attention, then never calls it:
+    parameters outside every loss, on which DDP fails (find_unused_parameters=False). Each is replaced by
+    nn.Identity; a load hook drops their weights from checkpoints that still hold them."""
+    for block in net.vit.blocks:
+        if not block.with_cross_attention:
+            block.norm_cross_attn = nn.Identity()
+    net.register_load_state_dict_pre_hook(_drop_unused_norm_weights)
+    return net
+
+
+def _drop_unused_norm_weights(_net: nn.Module, state_dict: dict, prefix: str, *_) -> None:
+    for key in [k for k in state_dict if k.startswith(f"{prefix}vit.blocks.") and ".norm_cross_attn." in k]:
+        del state_dict[key]
+
+
 def _patch_from(name: str, spatial_dims: int, plan: ConfigurationPlan | None, required: bool) -> list[int] | None:
     if plan is None:
         if required:
@@ -137,4 +153,5 @@ def build_unetr(spatial_dims: int, in_channels: int, out_channels: int, plan: Co
     net = UNETR(in_channels=in_channels, out_channels=out_channels, img_size=patch, feature_size=feature_size,
                 hidden_size=hidden_size, mlp_dim=mlp_dim, num_heads=num_heads, proj_type="conv",
                 norm_name="instance", res_block=True, dropout_rate=dropout_rate, spatial_dims=spatial_dims)
-    return _DecoderTaps(net, spatial_dims, out_channels, _DS_TAPS["unetr"], feature_size, deep_supervision)
+    return _DecoderTaps(_without_unused_norms(net), spatial_dims, out_channels, _DS_TAPS["unetr"], feature_size,
+                        deep_supervision)

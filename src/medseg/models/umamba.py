@@ -12,14 +12,18 @@ Two variants, built from the plan exactly like ``resenc_unet`` (same stem, encod
 
 Mamba layer: LayerNorm over channels, spatial dims flattened in raster order to a (B, L, C) token sequence, a
 Mamba block (d_state 16, d_conv 4, expand 2), reshaped back, residual add. The block runs on ``mamba_ssm``'s
-CUDA kernels when that package is importable and the input is on CUDA, else on ``mambapy``'s parallel scan.
-Both name their parameters identically (in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj), so one set of
-weights (owned by the mambapy block, hence one state dict) serves both backends.
+CUDA kernels when that package imports (its compiled selective-scan extension included) and the input is on
+CUDA, else on ``mambapy``'s parallel scan. An installed but broken ``mamba_ssm`` (a build for another torch or
+CUDA, or a kernel missing for this GPU) is not fatal: the import, or the first forward, fails, one warning says
+why, and mambapy is used for the rest of the process. Both name their parameters identically (in_proj,
+conv1d, x_proj, dt_proj, A_log, D, out_proj), so one set of weights (owned by the mambapy block, hence one state
+dict) serves both backends.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import functools
+import logging
 
 import torch
 import torch.nn as nn
@@ -33,12 +37,49 @@ from medseg.planning.plan import ConfigurationPlan
 D_STATE, D_CONV, EXPAND = 16, 4, 2  # U-Mamba's hyperparameters (also Mamba's defaults)
 DEFAULT_MAX_TOKENS = 32768
 
+log = logging.getLogger(__name__)
+
 # the submodules and parameters both implementations have, under the same names and shapes
 _SHARED = ("in_proj", "conv1d", "x_proj", "dt_proj", "A_log", "D", "out_proj")
 
 
+# why mamba_ssm was given up on in this process (None while it has not been); set once, by _fall_back
+_fallback_reason: str | None = None
+
+
+def _fall_back(error: BaseException, stage: str) -> None:
+    """Give up on mamba_ssm for the rest of the process, with one warning however many layers hit the error."""
+    global _fallback_reason
+    if _fallback_reason is not None:
+        return
+    _fallback_reason = f"{type(error).__name__} while {stage}: {error}"
+    log.warning("mamba_ssm is installed but unusable (%s); Mamba layers use mambapy's pure-PyTorch scan instead "
+                "(same weights and results, slower and more memory)", _fallback_reason)
+
+
+@functools.cache
 def mamba_ssm_available() -> bool:
-    return importlib.util.find_spec("mamba_ssm") is not None
+    """Whether mamba_ssm really imports. Finding the package is not enough: its compiled extension fails only
+    when loaded (ImportError/OSError "undefined symbol" for a build against another torch or CUDA)."""
+    try:
+        from mamba_ssm import Mamba  # noqa: F401
+        import selective_scan_cuda  # noqa: F401  (the scan kernel; mamba_ssm loads it when imported)
+    except ModuleNotFoundError as e:
+        if e.name != "mamba_ssm":  # installed, but something it needs is missing
+            _fall_back(e, "importing it")
+        return False
+    except Exception as e:
+        _fall_back(e, "importing it")
+        return False
+    return True
+
+
+def select_backend(device_type: str, force_mambapy: bool = False) -> str:
+    """"mamba_ssm" or "mambapy": the Mamba implementation for inputs on ``device_type``. Only CUDA inputs try
+    mamba_ssm (importing it the first time), so CPU runs never touch the package."""
+    if device_type != "cuda" or force_mambapy or _fallback_reason is not None or not mamba_ssm_available():
+        return "mambapy"
+    return "mamba_ssm"
 
 
 class MambaLayer(nn.Module):
@@ -56,9 +97,10 @@ class MambaLayer(nn.Module):
         # mamba_ssm's module is built on first CUDA use and kept out of the module tree (a list hides it), so
         # the state dict and parameters() see the weights once
         self._ssm: list[nn.Module] = []
+        self._ssm_ran = False  # whether mamba_ssm's forward has succeeded here (later errors are real errors)
 
     def _use_mamba_ssm(self, x: torch.Tensor) -> bool:
-        return x.is_cuda and not self.force_mambapy and mamba_ssm_available()
+        return select_backend(x.device.type, self.force_mambapy) == "mamba_ssm"
 
     @property
     def backend(self) -> str:
@@ -77,12 +119,25 @@ class MambaLayer(nn.Module):
             setattr(ssm, name, getattr(self.mamba, name))
         return ssm
 
+    def _mamba_ssm_forward(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """mamba_ssm's output (it handles autocast itself), or None when its first forward here fails."""
+        try:
+            y = self._mamba_ssm_block()(tokens)
+        except torch.cuda.OutOfMemoryError:
+            raise  # a memory problem, not a broken install; mambapy would need more
+        except Exception as e:
+            if self._ssm_ran:
+                raise
+            _fall_back(e, "running its first forward")
+            return None
+        self._ssm_ran = True
+        return y
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, *spatial = x.shape
         tokens = self.norm(x.flatten(2).transpose(1, 2))  # (B, L, C), raster order
-        if self._use_mamba_ssm(x):
-            y = self._mamba_ssm_block()(tokens)  # handles autocast itself
-        else:
+        y = self._mamba_ssm_forward(tokens) if self._use_mamba_ssm(x) else None
+        if y is None:
             # the scan multiplies L exponentials; half precision under/overflows, so run it in float32
             with torch.autocast(x.device.type, enabled=False):
                 y = self.mamba(tokens.float()).to(x.dtype)

@@ -186,7 +186,9 @@ class ImageOverlays(Callback):
     """Logs plain | label | prediction images of one axial slice per validation case to TensorBoard.
 
     Reads the prediction from validation_step's `{"pred": (z, y, x) label map}`; the batch is
-    `(image (C, z, y, x), label (1, z, y, x), case_id)`. Only the first `max_cases` validation batches of every
+    `(image (C, z, y, x), label (1, z, y, x), case_id)`, or a batch of validation patches
+    `(image (B, C, *patch), label (B, 1, *patch), case ids)` with predictions (B, *patch), of which the first is
+    drawn. Only the first `max_cases` validation batches of every
     `every_n_epochs`-th epoch (and of the last epoch) are drawn, so the cost stays a few slices per epoch.
     """
 
@@ -213,6 +215,11 @@ class ImageOverlays(Callback):
             return
         image, label, case_id = batch
         pred = outputs["pred"].detach()
+        if isinstance(case_id, (list, tuple)) and pred.ndim == image.ndim - 1:
+            # a batch of validation patches (B, C, *patch): draw the first, as a volume of its slices
+            image, label, pred, case_id = image[0], label[0], pred[0], f"{case_id[0]}/patch"
+            if pred.ndim == 2:
+                image, label, pred = image[:, None], label[:, None], pred[None]
         ndim = pred.ndim
         # tolerate a leading batch dimension of size 1
         while image.ndim > ndim + 1:

@@ -16,6 +16,15 @@ def channels_last_format(ndim: int) -> torch.memory_format:
     return torch.channels_last_3d if ndim == 5 else torch.channels_last
 
 
+def confusion_counts(pred: torch.Tensor, ref: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(3, num_classes - 1) true positives, false positives and false negatives of each foreground class,
+    summed over all voxels (of every sample); computed where the tensors are, no host read."""
+    classes = torch.arange(1, num_classes, device=pred.device).view(-1, *([1] * pred.ndim))
+    p, r = pred.unsqueeze(0) == classes, ref.unsqueeze(0) == classes
+    dims = tuple(range(1, pred.ndim + 1))
+    return torch.stack([(p & r).sum(dims), (p & ~r).sum(dims), (~p & r).sum(dims)]).double()
+
+
 class SegmentationModule(L.LightningModule):
     def __init__(self, model: nn.Module, loss: nn.Module, num_classes: int, patch_size,
                  optimizer: Callable, scheduler: Callable | None = None, checkpoint_extras: dict | None = None,
@@ -43,28 +52,28 @@ class SegmentationModule(L.LightningModule):
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=image.shape[0])
         return loss
 
-    # ---- per-epoch pseudo-Dice: true/false positives/negatives summed over all validation cases --------
+    # ---- per-epoch pseudo-Dice: true/false positives/negatives summed over all validation patches or cases ----
     def on_validation_epoch_start(self):
-        self._val_counts = torch.zeros(3, self.num_classes - 1, dtype=torch.float64)
+        # kept on the device and read once at the epoch's end: a read per batch would stall the GPU
+        self._val_counts = torch.zeros(3, self.num_classes - 1, dtype=torch.float64, device=self.device)
 
     def validation_step(self, batch, batch_idx):
-        image, label, _ = batch
-        logits = predict_logits(self.model, image, self.patch_size, overlap=self.val_overlap)
-        pred = logits.argmax(0)
-        ref = label[0].to(pred.device)
-        for c in range(1, self.num_classes):
-            p, r = pred == c, ref == c
-            self._val_counts[0, c - 1] += (p & r).sum().item()
-            self._val_counts[1, c - 1] += (p & ~r).sum().item()
-            self._val_counts[2, c - 1] += (~p & r).sum().item()
+        image, label, ids = batch
+        if isinstance(ids, (list, tuple)):  # a batch of patches (B, C, *patch): one forward pass
+            pred = self.model(image).argmax(1)
+            ref = label[:, 0]
+        else:  # one whole volume (C, *shape): sliding window
+            pred = predict_logits(self.model, image, self.patch_size, overlap=self.val_overlap).argmax(0)
+            ref = label[0].to(pred.device)
+        self._val_counts += confusion_counts(pred, ref, self.num_classes)
         return {"pred": pred}  # for callbacks (TensorBoard overlays)
 
     def on_validation_epoch_end(self):
         counts = self._val_counts
         if self.trainer.world_size > 1:
-            # DDP: each rank validated its share of the cases; Dice needs the counts of all of them
-            counts = self.trainer.strategy.reduce(counts.to(self.device), reduce_op="sum").cpu()
-        tp, fp, fn = counts
+            # DDP: each rank validated its own patches or cases; Dice needs the counts of all of them
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        tp, fp, fn = counts.cpu()
         dice = (2 * tp / (2 * tp + fp + fn).clamp_min(1)).float()
         for c, d in enumerate(dice, start=1):
             self.log(f"val/dice_class{c}", d)

@@ -14,13 +14,14 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from medseg.atomic import write_json
 from medseg.checkpoint import load_weights_only
 from medseg.data.augmentation import nnunet_settings
-from medseg.data.datamodule import SegmentationDataModule
-from medseg.errors import CheckpointError, ConfigError
+from medseg.data.datamodule import VALIDATION_MODES, SegmentationDataModule
+from medseg.errors import CheckpointError, ConfigError, TrainingInterrupted
 from medseg.inference.predictor import Predictor, load_checkpoint
 from medseg.locking import exclusive
 from medseg.losses import create_loss
@@ -28,6 +29,7 @@ from medseg.losses.registry import with_deep_supervision
 from medseg.models import create_model
 from medseg.models.summary import summarize_model
 from medseg.models.transformer import adapt_patch, patch_multiple
+from medseg.precision import cuda_capability, deterministic_setting, training_precision
 from medseg.prepare import prepare
 from medseg.training.callbacks import build_callbacks
 from medseg.training.checkpoint_io import AtomicCheckpointIO
@@ -48,9 +50,14 @@ def _on_gpu(cfg: DictConfig) -> bool:
 def _trainer_kwargs(cfg: DictConfig) -> dict:
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if kwargs.get("precision") is None:
-        kwargs["precision"] = "bf16-mixed" if _on_gpu(cfg) and torch.cuda.is_bf16_supported() else "32-true"
-    if kwargs.get("deterministic"):
+        on_gpu = _on_gpu(cfg)
+        kwargs["precision"] = training_precision("cuda" if on_gpu else "cpu", cuda_capability() if on_gpu else None)
+    kwargs["deterministic"] = deterministic_setting(kwargs.get("deterministic"))
+    if kwargs["deterministic"]:
         kwargs["benchmark"] = False  # cuDNN autotuning picks algorithms by timing, which is not reproducible
+    # batches are drawn per process (each rank its share of the plan's batch, every rank all iterations):
+    # Lightning's DistributedSampler would instead split the iterations and pad the validation cases
+    kwargs["use_distributed_sampler"] = False
     return kwargs
 
 
@@ -127,6 +134,12 @@ def _adapt_patch_to_model(plan, config, model_name: str):
     return config
 
 
+def _interrupted_message(trainer: L.Trainer, last: Path) -> str:
+    kept = (f"{last} holds the last finished epoch" if last.is_file() else "no checkpoint had been written yet")
+    return (f"training stopped by SIGTERM (a scheduler's preemption or cancellation, or docker stop) in epoch "
+            f"{trainer.current_epoch + 1}/{trainer.max_epochs}; {kept}; run the same command again to resume")
+
+
 def train_fold(cfg: DictConfig) -> dict:
     """Train one fold; a second run on the same fold folder is refused while this one runs (DDP's extra
     processes re-run this job under the first one's lock, so they take none)."""
@@ -139,6 +152,8 @@ def train_fold(cfg: DictConfig) -> dict:
 
 
 def _train_fold(cfg: DictConfig) -> dict:
+    if cfg.validation.mode not in VALIDATION_MODES:  # before anything is moved aside or prepared
+        raise ConfigError(f"validation.mode={cfg.validation.mode!r}: expected one of {list(VALIDATION_MODES)}")
     fold = int(cfg.fold)
     fold_dir = Path(cfg.run_dir) / f"fold_{fold}"
     metrics_path = fold_dir / "metrics.json"
@@ -196,7 +211,10 @@ def _train_fold(cfg: DictConfig) -> dict:
     datamodule = SegmentationDataModule(prepared.cache(config.name), train_ids, val_ids, config.patch_size,
                                         batch_size, cfg.sampling.iterations_per_epoch,
                                         cfg.sampling.oversample_foreground, _num_workers(cfg),
-                                        cfg.validation.max_cases_per_epoch, augmentation, augment_on_device)
+                                        cfg.validation.max_cases_per_epoch, augmentation, augment_on_device,
+                                        validation_mode=str(cfg.validation.mode),
+                                        val_iterations=int(cfg.validation.iterations), seed=int(cfg.seed),
+                                        num_channels=manifest.num_channels)
 
     fold_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize_model(model, config.patch_size, manifest.num_channels)
@@ -217,9 +235,15 @@ def _train_fold(cfg: DictConfig) -> dict:
                              enable_version_counter=False)
     callbacks, progress_bar = build_callbacks(cfg.callbacks)
     guard = FiniteGuard(ckpt_dir / "last.ckpt")
+    trainer_kwargs = _trainer_kwargs(cfg)
+    if trainer_kwargs["deterministic"]:
+        log.info("deterministic algorithms on: ops without a deterministic implementation on this device warn "
+                 "instead of stopping the run")
     trainer = L.Trainer(logger=instantiate(cfg.logger), callbacks=[guard, best, latest, *callbacks],
                         enable_progress_bar=progress_bar, default_root_dir=str(fold_dir),
-                        plugins=[AtomicCheckpointIO()], **_trainer_kwargs(cfg))
+                        plugins=[AtomicCheckpointIO()], **trainer_kwargs)
+    # checkpoints say how the network was trained: prediction runs it the same way where that is safe
+    extras["precision"] = str(trainer.precision)
     resume_from = str(last) if cfg.resume and last.is_file() else None
     if resume_from:
         log.info("resuming from %s", resume_from)
@@ -227,7 +251,10 @@ def _train_fold(cfg: DictConfig) -> dict:
              len(val_ids), config.patch_size, batch_size)
     reset_peak_memory()
     fit_start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    except SIGTERMException:
+        raise TrainingInterrupted(_interrupted_message(trainer, last)) from None
     fit_s = time.perf_counter() - fit_start
 
     if not cfg.validation.final or not trainer.is_global_zero:
@@ -235,13 +262,16 @@ def _train_fold(cfg: DictConfig) -> dict:
     # the final weights by default, as nnU-Net: "best" is chosen on these same held-out cases, so scoring it
     # on them again would flatter the cross-validation result
     chosen = ckpt_dir / f"{cfg.validation.checkpoint}.ckpt"
-    device = next(module.parameters()).device
+    # the device the run trained on: Lightning's teardown has moved the module itself back to the CPU
+    device = trainer.strategy.root_device
     timing = fit_timing(trainer, device, fit_s, int(cfg.sampling.iterations_per_epoch))
     trained = load_checkpoint(chosen if chosen.is_file() else last, device)
     predictor = Predictor([trained], overlap=float(cfg.validation.overlap),
                           mirror_axes=_mirror_axes(cfg.validation.mirror_axes, augmentation, config.spatial_dims),
                           device=device)
     metrics = validate_fold(predictor, manifest, val_ids, fold_dir, fold,
-                            extra={"epochs": trainer.current_epoch, "checkpoint": trained.source, "timing": timing})
+                            extra={"epochs": trainer.current_epoch, "checkpoint": trained.source, "timing": timing,
+                                   "precision": {"training": extras["precision"],
+                                                 "validation": predictor.precision}})
     log.info("fold %d validation: mean Dice %.4f %s", fold, metrics["dice_mean"], metrics["dice"])
     return metrics
