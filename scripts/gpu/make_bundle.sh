@@ -10,6 +10,8 @@
 #                                       and the preinstalled list, imports, a miniature of medseg-train and of
 #                                       nnU-Net (convert, plan + preprocess, train), data from .gpu/unpack.sh
 #   scripts/gpu/make_bundle.sh --all    both
+#   scripts/gpu/make_bundle.sh --sim-env  only the simulated machine of --sim (site, venv, stand-ins, bundle
+#                                       unpacked, import check), for scripts/gpu/rehearse_cpu.sh
 #
 # Environment: PIP (default /tmp/venv/bin/pip, else a venv of its own), BUNDLE_WORK (scratch, default
 # /tmp/medseg-gpu-bundle), MEDSEG_HIPPOCAMPUS (default <repo>/../shared/data/Task04_Hippocampus), SIM_DIR
@@ -30,8 +32,9 @@ case "${1:-}" in
   "") ;;
   --sim) MODE=sim ;;
   --all) MODE=all ;;
+  --sim-env) MODE=sim-env ;;
   -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 0 ;;
-  *) echo "usage: $0 [--sim|--all]" >&2; exit 2 ;;
+  *) echo "usage: $0 [--sim|--all|--sim-env]" >&2; exit 2 ;;
 esac
 
 # Binary (or pure-Python) wheels from the index, for the target interpreter.
@@ -133,12 +136,14 @@ write_unpack() {
 #!/usr/bin/env bash
 # Run from the repo root on the GPU machine: bash .gpu/unpack.sh
 # site.tar.xz -> $SITE_PARENT/site (default /tmp/site), hippocampus.tar.xz -> $DATA_DIR/Task04_Hippocampus
-# (default /tmp/data), every .nii re-gzipped to .nii.gz (what dataset.json names). UNPACK_CHECK=0 skips the
-# final import check.
+# (default /tmp/data), every .nii re-gzipped to .nii.gz (what dataset.json names), then
+# scripts/gpu/check_imports.py: what a parity run imports, triton too where torch sees a GPU (CHECK_TRITON=no
+# leaves it out). UNPACK_CHECK=0 skips that check; PYTHON (default python3) is the interpreter it uses.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SITE_PARENT=${SITE_PARENT:-/tmp}
 DATA_DIR=${DATA_DIR:-/tmp/data}
+PYTHON=${PYTHON:-python3}
 SITE=$SITE_PARENT/site
 TASK=$DATA_DIR/Task04_Hippocampus
 die() { echo "unpack.sh: FAILED: $*" >&2; exit 1; }
@@ -146,7 +151,7 @@ for f in site.tar.xz hippocampus.tar.xz; do [[ -s $HERE/$f ]] || die "missing $H
 [[ ${UNPACK_CHECK:-1} == 0 || -d src/medseg ]] || die "run it from the repo root (no src/medseg in $PWD)"
 unxz_to() {  # unxz_to FILE DIR: FILE (tar.xz) unpacked into DIR
   if command -v xz >/dev/null; then xz -dc "$1" | tar -xmf - -C "$2"
-  else python3 -c 'import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), sys.stdout.buffer)' "$1" | tar -xmf - -C "$2"
+  else "$PYTHON" -c 'import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), sys.stdout.buffer)' "$1" | tar -xmf - -C "$2"
   fi
 }
 t0=$SECONDS
@@ -164,7 +169,7 @@ ni=$(find "$TASK/imagesTr" -name '*.nii.gz' | wc -l); nl=$(find "$TASK/labelsTr"
 [[ -f $TASK/dataset.json && -d $SITE/nnunetv2 && -d $SITE/monai ]] || die "incomplete unpack"
 # nnU-Net's preprocessing imports distutils.file_util.copy_file; Python 3.12 has distutils only through
 # setuptools (which torch requires). Where python3 has none, a stand-in for that one function goes into site/.
-if command -v python3 >/dev/null && ! python3 -c 'import distutils.file_util' 2>/dev/null; then
+if command -v "$PYTHON" >/dev/null && ! "$PYTHON" -c 'import distutils.file_util' 2>/dev/null; then
   mkdir -p "$SITE/distutils"
   echo '"""Stand-in written by .gpu/unpack.sh: this Python has no distutils (no setuptools)."""' > "$SITE/distutils/__init__.py"
   cat > "$SITE/distutils/file_util.py" <<'PY'
@@ -185,8 +190,9 @@ PY
   echo "unpack.sh: python3 has no distutils (no setuptools): wrote a stand-in for distutils.file_util to $SITE"
 fi
 if [[ ${UNPACK_CHECK:-1} != 0 ]]; then
-  PYTHONPATH=$SITE:$PWD/src python3 -c 'import SimpleITK, nibabel, blosc2, numexpr, cc3d, hydra, omegaconf, monai, nnunetv2.run.run_training, medseg.cli.train' \
-    || die "import check (PYTHONPATH=$SITE:$PWD/src)"
+  [[ -f scripts/gpu/check_imports.py ]] || die "no scripts/gpu/check_imports.py in $PWD"
+  PYTHONPATH=$SITE:$PWD/src${PYTHONPATH:+:$PYTHONPATH} "$PYTHON" scripts/gpu/check_imports.py \
+    || die "import check: the modules named above (PYTHONPATH=$SITE:$PWD/src)"
 fi
 echo "unpacked in $((SECONDS - t0)) s: $SITE, $TASK ($ni cases)"
 echo "export PYTHONPATH=$SITE:$PWD/src"
@@ -225,20 +231,62 @@ find_py() {
   return 1
 }
 
-simulate() {
+# The stand-ins that the simulated machine needs on PYTHONPATH ($SIM/standins): timm is preinstalled on the GPU
+# machine, here it cannot be (PyPI's torchvision does not load beside the CPU torch), and nnU-Net's search for a
+# trainer class by name imports every trainer module on its way, the Primus ones (timm) among them. A
+# sitecustomize answers that one import in every process of the simulation, loader workers included.
+write_standins() {
+  mkdir -p "$SIM/standins"
+  cat > "$SIM/standins/sitecustomize.py" <<'PY'
+"""Simulated GPU machine only (scripts/gpu/make_bundle.sh --sim): a stand-in for timm where none is installed."""
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
+import types
+
+if importlib.util.find_spec("timm") is None:
+    def _stand_in(name):
+        # a class for any name imported from it; none for dunders, which torch.compile (dynamo) inspects
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return type(name, (), {})
+
+    class TimmStandIn(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        def find_spec(self, name, path=None, target=None):
+            if name == "timm" or name.startswith("timm."):
+                return importlib.machinery.ModuleSpec(name, self, is_package=True)
+
+        def create_module(self, spec):
+            m = types.ModuleType(spec.name)
+            m.__path__ = []
+            m.__getattr__ = _stand_in
+            return m
+
+        def exec_module(self, module):
+            pass
+
+    sys.meta_path.insert(0, TimmStandIn())
+PY
+}
+
+# sim_env: Python 3.11 site with the bundle's pins ($SIM/site311), a venv with the CPU torch and the preinstalled
+# list ($SIM/venv), the stand-ins, the bundle unpacked ($SIM/data), and the import check that unpack.sh runs.
+sim_env() {
   build_site 3.11 "$SIM/site311"
   if [[ ! -x $SIM/venv/bin/python ]]; then
     log "venv $SIM/venv (CPU torch + the preinstalled list)"
     "$(find_py 3.11)" -m venv "$SIM/venv" || die "no python3.11"
     "$SIM/venv/bin/pip" install -q "${PREINSTALLED[@]}"
   fi
+  write_standins
   local py=$SIM/venv/bin/python
-  export PYTHONPATH=$SIM/site311:$ROOT/src
   export PYTHONDONTWRITEBYTECODE=1
 
   if [[ -f $OUT/site.tar.xz && -f $OUT/hippocampus.tar.xz ]]; then write_unpack; else build_bundle; fi
+  # its site is for Python 3.12: the import check runs below, on the 3.11 site
   log "unpack.sh into $SIM/unpacked and $SIM/data"
-  SITE_PARENT=$SIM/unpacked DATA_DIR=$SIM/data UNPACK_CHECK=0 bash "$OUT/unpack.sh"
+  (cd "$ROOT" && SITE_PARENT=$SIM/unpacked DATA_DIR=$SIM/data UNPACK_CHECK=0 bash "$OUT/unpack.sh")
 
   # The Python 3.12 site itself: its compiled modules and the pure-Python ones that need no torch.
   log "Python 3.12 imports from the bundle's site (venv $SIM/venv312: numpy and blosc2's dependencies)"
@@ -248,8 +296,24 @@ simulate() {
   fi
   PYTHONPATH=$SIM/unpacked/site "$SIM/venv312/bin/python" -c "import SimpleITK, nibabel, blosc2, numexpr, ndindex, cc3d, omegaconf, hydra, graphviz, antlr4, sys; import numpy as np; a = blosc2.asarray(np.arange(1000.).reshape(10, 100)); assert float(a[5, 7]) == 507.0; sitk = SimpleITK; assert sitk.GetArrayFromImage(sitk.Image(4, 5, 6, sitk.sitkUInt8)).shape == (6, 5, 4); m = np.zeros((8, 8, 8), np.uint8); m[1:3, 1:3, 1:3] = 1; m[5:7, 5:7, 5:7] = 1; assert cc3d.connected_components(m).max() == 2; assert numexpr.evaluate('2 * a', local_dict={'a': np.arange(3)}).tolist() == [0, 2, 4]; assert ndindex.ndindex((slice(0, 4), 1)).newshape((10, 5)) == (4,); print('Python', sys.version.split()[0], 'imports OK: SimpleITK', sitk.Version_VersionString(), 'blosc2', blosc2.__version__)"
 
-  log "imports"
-  "$py" -c "import medseg.cli.train, medseg.training.run, medseg.cli.predict, nnunetv2.run.run_training, nnunetv2.experiment_planning.plan_and_preprocess_entrypoints, nnunetv2.dataset_conversion.convert_MSD_dataset, nnunetv2.training.nnUNetTrainer.variants.training_length.nnUNetTrainer_Xepochs; print('imports OK')"
+  log "import check (scripts/gpu/check_imports.py, as unpack.sh runs it) on Python 3.11 with site311"
+  (cd "$ROOT" && PYTHONPATH=$SIM/site311:$ROOT/src:$SIM/standins "$py" scripts/gpu/check_imports.py --triton no) \
+    || die "import check failed"
+  # and that it fails, naming the module, when one is missing (here: the whole site, and triton)
+  local miss
+  miss=$(cd "$ROOT" && PYTHONPATH=$ROOT/src:$SIM/standins "$py" scripts/gpu/check_imports.py --triton yes 2>&1) \
+    && die "import check passed without the site"
+  grep -q 'FAILED import nnunetv2.run.run_training' <<<"$miss" && grep -q 'FAILED import triton' <<<"$miss" \
+    || die "import check did not name the missing modules: $miss"
+  echo "import check without the site: exit non-zero, $(grep -c FAILED <<<"$miss") modules named"
+  printf '\nsimulated machine: PY=%s SITE=%s PYTHONPATH=%s, data %s\n' "$py" "$SIM/site311" "$SIM/standins" \
+    "$SIM/data/Task04_Hippocampus"
+}
+
+simulate() {
+  sim_env
+  local py=$SIM/venv/bin/python
+  export PYTHONPATH=$SIM/site311:$ROOT/src:$SIM/standins
 
   log "medseg-train debug=fast"
   rm -rf "$SIM/out" "$SIM/mdata"
@@ -264,27 +328,10 @@ simulate() {
   cd "$SIM"
   "$py" -c "import sys; from nnunetv2.dataset_conversion.convert_MSD_dataset import entry_point as m; sys.argv = ['x', '-i', '$SIM/data/Task04_Hippocampus', '-overwrite_id', '4', '-np', '2']; m()"
   "$py" -c "import sys; from nnunetv2.experiment_planning.plan_and_preprocess_entrypoints import plan_and_preprocess_entry as m; sys.argv = ['x', '-d', '4', '-c', '3d_fullres', '-np', '2', '--verify_dataset_integrity']; m()"
-  # train_step wrapped to print one line per finished iteration (nnU-Net itself only logs per epoch).
-  # timm is preinstalled on the GPU machine; here it cannot be (PyPI's torchvision does not load beside the CPU
-  # torch), so a stand-in answers the one import that needs it: nnU-Net's search for the trainer class by name
-  # imports every trainer module on its way, the Primus ones (timm) among them.
+  # train_step wrapped to print one line per finished iteration (nnU-Net itself only logs per epoch)
   local rc=0 its
   timeout -k 30 "$SIM_TRAIN_S" "$py" -u -c "
-import importlib.abc, importlib.machinery, importlib.util, sys, types
-if importlib.util.find_spec('timm') is None:
-    class TimmStandIn(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-        def find_spec(self, name, path=None, target=None):
-            if name == 'timm' or name.startswith('timm.'):
-                return importlib.machinery.ModuleSpec(name, self, is_package=True)
-        def create_module(self, spec):
-            m = types.ModuleType(spec.name)
-            m.__path__ = []
-            m.__getattr__ = lambda attr: type(attr, (), {})
-            return m
-        def exec_module(self, module):
-            pass
-    sys.meta_path.insert(0, TimmStandIn())
-    print('SIM: no timm here, a stand-in is used for the trainer search', flush=True)
+import sys
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer as T
 step = T.train_step
 def train_step(self, batch):
@@ -308,5 +355,6 @@ m()" > "$SIM/nn/train.log" 2>&1 || rc=$?
 case $MODE in
   bundle) build_bundle ;;
   sim) simulate ;;
+  sim-env) sim_env ;;
   all) build_bundle; simulate ;;
 esac

@@ -4,22 +4,34 @@ Usage: python nnunet_timed_training.py <nnUNetv2_train arguments>   (e.g. 4 3d_f
 
 nnU-Net's loop is `train_step(next(dataloader_train))` and train_step ends with `loss.detach().cpu()`, which
 waits for the GPU, so the time inside `next()` is exactly the time the GPU sat idle waiting for the loader
-and the rest of the epoch is compute. Each epoch prints one line
-`timing: epoch <k> train <s> s, waiting for data <s> s, step <s> s` next to nnU-Net's own log.
+and the rest of the epoch is compute. Printed next to nnU-Net's own log:
+    timing: epoch <k> train <s> s, waiting for data <s> s, step <s> s      (each epoch)
+    timing: peak GPU memory allocated <GB> GB                              (training and per-epoch validation;
+                                                                            "n/a (cpu)" without CUDA)
+    timing: loader workers running after training: train <n>, val <n>     (0 and 0: shut down before the final
+                                                                            validation, as in plain nnU-Net)
+torch.compile is nnU-Net's own decision (nnUNetTrainer._do_i_compile: env nnUNet_compile, default on for CUDA,
+never on CPU); its log says "Using torch.compile..." when it compiles.
 The trainer is patched at class level (no file added to the nnunetv2 package), so any -tr subclass is timed.
+NNUNET_ITERATIONS (and NNUNET_VAL_ITERATIONS, default the same) override the iterations per epoch, for
+rehearsals only.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
+import torch
 from nnunetv2.run.run_training import run_training_entry
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 
 class _TimedIterator:
-    """Delegates to nnU-Net's augmenter (its _finish() etc. still work) and adds up the time spent in next()."""
+    """Delegates to nnU-Net's augmenter and adds up the time spent in next(). Only in place during training:
+    on_train_end puts the augmenter back, because nnU-Net shuts its workers down only after an isinstance check
+    on it."""
 
     def __init__(self, inner):
         self._inner = inner
@@ -38,9 +50,19 @@ class _TimedIterator:
         return getattr(self._inner, name)
 
 
+_init = nnUNetTrainer.__init__
 _on_train_start = nnUNetTrainer.on_train_start
 _on_train_epoch_start = nnUNetTrainer.on_train_epoch_start
 _on_train_epoch_end = nnUNetTrainer.on_train_epoch_end
+_on_train_end = nnUNetTrainer.on_train_end
+
+
+def __init__(self, *args, **kwargs):
+    _init(self, *args, **kwargs)
+    iterations = os.environ.get("NNUNET_ITERATIONS")
+    if iterations:
+        self.num_iterations_per_epoch = int(iterations)
+        self.num_val_iterations_per_epoch = int(os.environ.get("NNUNET_VAL_ITERATIONS") or iterations)
 
 
 def on_train_start(self):
@@ -62,9 +84,26 @@ def on_train_epoch_end(self, train_outputs):
     _on_train_epoch_end(self, train_outputs)
 
 
+def on_train_end(self):
+    # nnUNetTrainer.on_train_end calls _finish() only on a (NonDet)MultiThreadedAugmenter, by isinstance
+    if isinstance(self.dataloader_train, _TimedIterator):
+        self.dataloader_train = self.dataloader_train._inner
+    # the peak over training and per-epoch validation, as medseg's timing.peak_gpu_memory_gb (over its fit)
+    if self.device.type == "cuda":
+        peak = f"{torch.cuda.max_memory_allocated(self.device) / 1e9:.3f} GB"
+    else:
+        peak = f"n/a ({self.device.type})"
+    print(f"timing: peak GPU memory allocated {peak}", flush=True)
+    _on_train_end(self)
+    running = [len(getattr(dl, "_processes", None) or []) for dl in (self.dataloader_train, self.dataloader_val)]
+    print(f"timing: loader workers running after training: train {running[0]}, val {running[1]}", flush=True)
+
+
+nnUNetTrainer.__init__ = __init__
 nnUNetTrainer.on_train_start = on_train_start
 nnUNetTrainer.on_train_epoch_start = on_train_epoch_start
 nnUNetTrainer.on_train_epoch_end = on_train_epoch_end
+nnUNetTrainer.on_train_end = on_train_end
 
 if __name__ == "__main__":
     sys.argv = ["nnUNetv2_train", *sys.argv[1:]]
