@@ -31,3 +31,58 @@ def test_2d_patches_come_from_one_slice_and_forced_ones_from_the_labelled_slice(
         assert x.shape == (1, 16, 16) and (y == 2).sum() == 12
     random = [sample_patch(data, label, locs, [16, 16], rng, force_foreground=False)[1].any() for _ in range(40)]
     assert 0 < sum(random) < 40  # random slices: most miss the one labelled slice
+
+
+def test_patch_bounds_follow_nnunet_get_bbox():
+    from medseg.data.sampling import patch_bounds
+
+    # a large case: the box may leave it by half the augmentation margin on each side
+    assert patch_bounds([100, 80], [60, 50], [20, 10]) == ([-10, -5], [50, 35])
+    # a case smaller than the (sampled) patch: the box is exactly as large as needed, so random patches sit still
+    assert patch_bounds([36, 50], [74, 80], [34, 24]) == ([-19, -15], [-19, -15])
+    assert patch_bounds([35, 50], [40, 56], [0, 0]) == ([-2, -3], [-2, -3])  # odd room: the extra voxel after
+
+
+def test_random_patches_reach_half_the_margin_beyond_the_border_uniformly():
+    from medseg.data.sampling import patch_start
+
+    rng = np.random.default_rng(0)
+    starts = np.array([patch_start([100], [60], rng, margin=[20]) for _ in range(4000)])[:, 0]
+    assert starts.min() == -10 and starts.max() == 50
+    counts = np.bincount(starts + 10)
+    assert counts.min() > 0.5 * counts.mean()  # every start in [-10, 50] is drawn, none favoured
+
+
+def test_forced_patches_centre_the_voxel_and_shift_a_small_case_inside_the_patch():
+    rng = np.random.default_rng(3)
+    data = np.ones((1, 10, 12, 8), np.float32)
+    label = np.zeros((10, 12, 8), np.uint8)
+    label[2:8, 3:9, 2:6] = 1
+    locs = {1: np.argwhere(label == 1)}
+    offsets = []
+    for _ in range(200):
+        x, y = sample_patch(data, label, locs, [16, 16, 16], rng, force_foreground=True)
+        assert y[8, 8, 8] == 1  # centred on a foreground voxel (or as near as the lower bound allows)
+        offsets.append(np.argwhere(x[0] > 0).min(0))  # where the case's corner landed
+        assert x.sum() == data.sum() and (y == 1).sum() == (label == 1).sum()  # the whole case, zero-padded
+    offsets = np.array(offsets)
+    # centred on voxels 2-7 / 3-8 / 2-5 with lower bounds -3 / -2 / -4: the case lands at 3 / 3 / 2 places
+    assert [len(np.unique(offsets[:, a])) for a in range(3)] == [3, 3, 2]
+    # random patches of a small case all hold it at one place (nnU-Net's bounds leave no room)
+    random = {tuple(np.argwhere(sample_patch(data, label, locs, [16, 16, 16], rng, False)[0][0] > 0)[0])
+              for _ in range(20)}
+    assert random == {(3, 2, 4)}  # (16 - 10) / 2, (16 - 12) / 2, (16 - 8) / 2
+
+
+def test_2d_forced_patches_choose_the_slice_uniformly_not_by_voxel_count():
+    data = np.zeros((1, 6, 20, 20), np.float32)
+    label = np.zeros((6, 20, 20), np.uint8)
+    label[1, 10, 10] = 1  # one voxel in slice 1
+    label[4, 2:12, 2:12] = 1  # a hundred in slice 4
+    for z in range(6):
+        data[0, z] = z
+    locs = {1: np.argwhere(label == 1)}
+    rng = np.random.default_rng(0)
+    slices = [int(sample_patch(data, label, locs, [8, 8], rng, True)[0].max()) for _ in range(400)]
+    share = slices.count(1) / len(slices)
+    assert set(slices) == {1, 4} and 0.4 < share < 0.6

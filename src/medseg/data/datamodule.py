@@ -61,15 +61,15 @@ class CaseArrays:
 
 
 def draw_patches(cases: CaseArrays, case_ids: list[str], size, batch_size: int, num_foreground: int,
-                 rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+                 rng: np.random.Generator, margin=None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """A batch of patches: image float32 (B, C, *size), label (B, 1, *size) as uint8 (an eighth of the bytes
     through shared memory and to the GPU) where the values allow, and the case ids. The last
-    ``num_foreground`` samples are centred on foreground."""
+    ``num_foreground`` samples are centred on foreground; ``margin``: see medseg.data.sampling.sample_patch."""
     images, labels, ids = [], [], []
     for k in range(batch_size):
         case_id = case_ids[rng.integers(len(case_ids))]
         data, label, locations = cases(case_id)
-        x, y = sample_patch(data, label, locations, size, rng, k >= batch_size - num_foreground)
+        x, y = sample_patch(data, label, locations, size, rng, k >= batch_size - num_foreground, margin)
         images.append(x)
         labels.append(y)
         ids.append(case_id)
@@ -101,6 +101,8 @@ class PatchBatches(Dataset):
         self.augmentation = augmentation
         self.augment_in_loader = augment_in_loader
         self.sample_size = sampling_patch_size(self.patch_size, augmentation) if augmentation else self.patch_size
+        # the room left for augmentation; nnU-Net lets random patches reach into it beyond the case's border
+        self.margin = [s - p for s, p in zip(self.sample_size, self.patch_size)]
         self.seed_offset = 0
         self._rng: np.random.Generator | None = None
         self._cases = CaseArrays(cache)
@@ -122,7 +124,7 @@ class PatchBatches(Dataset):
             self._rng = np.random.default_rng(_process_seed(self.seed_offset))
         rng = self._rng
         image, label, _ = draw_patches(self._cases, self.case_ids, self.sample_size, self.batch_size,
-                                       self.num_foreground, rng)
+                                       self.num_foreground, rng, self.margin)
         if self.augmentation is None:
             return image, label.long()
         seed = int(rng.integers(2**62))

@@ -1,4 +1,11 @@
-"""Patch sampling from preprocessed cases, with nnU-Net's foreground oversampling."""
+"""Patch sampling from preprocessed cases, as nnU-Net v2's data loader does it (nnUNetDataLoader.get_bbox).
+
+The patch box may reach outside the case: by half the augmentation margin (the sampled patch minus the
+network's patch) on each side, and, for a case smaller than the patch, far enough for the case to sit anywhere
+inside it. A random patch starts uniformly within those bounds; a foreground patch is centred on a voxel of a
+class present in the case, clipped only at the lower bound. What lies outside the case is zero (image) and
+background (label). Without these shifts a case smaller than the patch would always sit at the same place in it.
+"""
 
 from __future__ import annotations
 
@@ -15,38 +22,61 @@ def pad_to(array: np.ndarray, shape, value: float = 0) -> np.ndarray:
     return np.pad(array, width, mode="constant", constant_values=value)
 
 
-def patch_start(shape, patch, rng: np.random.Generator, center=None) -> list[int]:
-    """Start corner of a patch inside ``shape`` (already >= patch), random or centred on a voxel."""
-    start = []
-    for axis, (s, p) in enumerate(zip(shape, patch)):
-        high = s - p
-        if center is None:
-            start.append(int(rng.integers(0, high + 1)))
-        else:
-            start.append(int(np.clip(center[axis] - p // 2, 0, high)))
-    return start
+def patch_bounds(shape, patch, margin) -> tuple[list[int], list[int]]:
+    """Lowest and highest start of a patch along each axis (nnU-Net's lbs/ubs): the box may leave the case by
+    half of ``margin``, or by what a case smaller than the patch needs."""
+    lows, highs = [], []
+    for s, p, m in zip(shape, patch, margin):
+        need = max(int(m), int(p) - int(s))
+        lows.append(-(need // 2))
+        highs.append(int(s) + need // 2 + need % 2 - int(p))
+    return lows, highs
+
+
+def patch_start(shape, patch, rng: np.random.Generator, center=None, margin=None) -> list[int]:
+    """Start corner of a patch: uniform within ``patch_bounds``, or centred on ``center`` (not below the lowest
+    start; above the highest it may go, as nnU-Net's)."""
+    lows, highs = patch_bounds(shape, patch, margin if margin is not None else [0] * len(patch))
+    if center is None:
+        return [int(rng.integers(lo, hi + 1)) for lo, hi in zip(lows, highs)]
+    return [max(lo, int(c) - int(p) // 2) for lo, c, p in zip(lows, center, patch)]
+
+
+def crop(array: np.ndarray, start, patch, value: float = 0) -> np.ndarray:
+    """The box [start, start + patch) of the trailing spatial axes, ``value`` where it lies outside ``array``."""
+    lead = array.ndim - len(patch)
+    spatial = array.shape[lead:]
+    inside = tuple(slice(max(0, a), min(s, a + int(p))) for a, s, p in zip(start, spatial, patch))
+    part = np.asarray(array[(slice(None),) * lead + inside])
+    pads = [(max(0, -a), max(0, a + int(p) - s)) for a, s, p in zip(start, spatial, patch)]
+    if not any(lo or hi for lo, hi in pads):
+        return part
+    return np.pad(part, [(0, 0)] * lead + pads, mode="constant", constant_values=value)
+
+
+def _foreground_voxel(locations: dict[int, np.ndarray], rng: np.random.Generator, by_slice: bool):
+    """A voxel of a class present in the case, the class chosen uniformly; for 2D patches a slice holding the
+    class is chosen uniformly first (as nnU-Net's 2D loader), then a voxel in it."""
+    present = [c for c, locs in locations.items() if len(locs)]
+    if not present:
+        return None
+    locs = np.asarray(locations[present[rng.integers(len(present))]])
+    if by_slice:
+        slices = np.unique(locs[:, 0])
+        locs = locs[locs[:, 0] == slices[rng.integers(len(slices))]]
+    return locs[rng.integers(len(locs))]
 
 
 def sample_patch(data: np.ndarray, label: np.ndarray, locations: dict[int, np.ndarray], patch,
-                 rng: np.random.Generator, force_foreground: bool):
-    """One (image (c, *patch), label (*patch)) patch. Forced foreground: a class present in the case, chosen
-    uniformly, and a voxel of it as the patch centre; otherwise a uniformly random position. A 2D patch from a
-    3D volume (the 2d configuration) is taken from one slice along the first axis: the foreground voxel's
-    slice, or a random one."""
-    center = None
-    if force_foreground:
-        present = [c for c, locs in locations.items() if len(locs)]
-        if present:
-            locs = locations[present[rng.integers(len(present))]]
-            center = np.asarray(locs[rng.integers(len(locs))])
+                 rng: np.random.Generator, force_foreground: bool, margin=None):
+    """One (image (c, *patch), label (*patch)) patch, placed as ``patch_start`` says. ``margin``: per axis, how
+    much larger ``patch`` is than the network's patch (the room augmentation needs; none by default). A 2D patch
+    from a 3D volume (the 2d configuration) is taken from one slice along the first axis: one holding the forced
+    class, or a random one."""
+    center = _foreground_voxel(locations, rng, by_slice=len(patch) == label.ndim - 1) if force_foreground else None
     if len(patch) == label.ndim - 1:
         z = int(center[0]) if center is not None else int(rng.integers(label.shape[0]))
         data, label = data[:, z], label[z]
         center = center[1:] if center is not None else None
-    spatial = data.shape[1:]
-    offset = np.asarray([max(0, int(p) - s) // 2 for p, s in zip(patch, spatial)])
-    data = pad_to(data, patch)
-    label = pad_to(label, patch)
-    start = patch_start(data.shape[1:], patch, rng, None if center is None else center + offset)
-    region = tuple(slice(a, a + int(p)) for a, p in zip(start, patch))
-    return np.asarray(data[(slice(None),) + region]), np.asarray(label[region])
+    start = patch_start(label.shape, patch, rng, center, margin)
+    return crop(data, start, patch), crop(label, start, patch)

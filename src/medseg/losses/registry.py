@@ -102,11 +102,13 @@ def deep_supervision_weights(num_outputs: int) -> list[float]:
 
 class _DeepSupervision(DeepSupervisionLoss):
     def forward(self, input, target: torch.Tensor) -> torch.Tensor:
-        # MONAI resizes the target to lower outputs with nearest interpolation, which torch has for floats only
+        # MONAI resizes the target to each lower output (nearest-exact, as nnU-Net's DownsampleSegForDSTransform),
+        # which torch has for floats only
         return super().forward(input, target.float())
 
 
 def with_deep_supervision(loss: nn.Module, num_outputs: int) -> nn.Module:
-    """MONAI's wrapper: weighted sum over a list of outputs (the target resized to each by nearest neighbour);
-    a single tensor passes through."""
+    """MONAI's wrapper: weighted sum over a list of outputs, finest first, each at its own resolution (the
+    target resized to each by nearest-exact, as nnU-Net downsamples its deep-supervision targets); a single
+    tensor passes through."""
     return _DeepSupervision(loss, weights=deep_supervision_weights(num_outputs))
