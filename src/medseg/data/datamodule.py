@@ -79,7 +79,29 @@ def draw_patches(cases: CaseArrays, case_ids: list[str], size, batch_size: int, 
     return image, label, ids
 
 
-class PatchBatches(Dataset):
+class _SplitBatches(Dataset):
+    """Batches of patches whose global batch (and its foreground-centred share) is split across DDP ranks."""
+
+    rank = 0
+
+    def _set_batch(self, batch_size: int, oversample_foreground: float, drawn_size) -> None:
+        self.global_batch_size = int(batch_size)
+        self.global_num_foreground = int(round(self.global_batch_size * oversample_foreground))
+        self.batch_size, self.num_foreground = self.global_batch_size, self.global_num_foreground
+        self.drawn_size = [int(s) for s in drawn_size]
+
+    def set_rank(self, rank: int, world_size: int) -> None:
+        """This process's share of every batch (the whole batch without DDP)."""
+        self.rank = rank
+        self.batch_size, self.num_foreground = batch_share(self.global_batch_size, self.global_num_foreground,
+                                                           rank, world_size)
+
+    def batch_bytes(self, channels: int) -> int:
+        """Bytes of one batch as it leaves a loader worker (float32 images at the drawn size, uint8 labels)."""
+        return self.batch_size * int(np.prod(self.drawn_size)) * (4 * channels + 1)
+
+
+class PatchBatches(_SplitBatches):
     """Item i is a whole batch, so the foreground-oversampled share is exact per batch (as nnU-Net):
     the last round(batch * oversample) samples are centred on foreground.
 
@@ -94,27 +116,16 @@ class PatchBatches(Dataset):
         self.cache = cache
         self.case_ids = list(case_ids)
         self.patch_size = [int(p) for p in patch_size]
-        self.global_batch_size = int(batch_size)
-        self.global_num_foreground = int(round(self.global_batch_size * oversample_foreground))
-        self.batch_size, self.num_foreground = self.global_batch_size, self.global_num_foreground
         self.iterations = int(iterations)
         self.augmentation = augmentation
         self.augment_in_loader = augment_in_loader
         self.sample_size = sampling_patch_size(self.patch_size, augmentation) if augmentation else self.patch_size
         # the room left for augmentation; nnU-Net lets random patches reach into it beyond the case's border
         self.margin = [s - p for s, p in zip(self.sample_size, self.patch_size)]
+        self._set_batch(batch_size, oversample_foreground, self.sample_size)
         self.seed_offset = 0
         self._rng: np.random.Generator | None = None
         self._cases = CaseArrays(cache)
-
-    def set_rank(self, rank: int, world_size: int) -> None:
-        """This process's share of every batch (the whole batch without DDP)."""
-        self.batch_size, self.num_foreground = batch_share(self.global_batch_size, self.global_num_foreground,
-                                                           rank, world_size)
-
-    def batch_bytes(self, channels: int) -> int:
-        """Bytes of one batch as it leaves a loader worker (float32 images at the sampled size, uint8 labels)."""
-        return self.batch_size * int(np.prod(self.sample_size)) * (4 * channels + 1)
 
     def __len__(self) -> int:
         return self.iterations
@@ -138,7 +149,7 @@ class PatchBatches(Dataset):
         return image, label.long()
 
 
-class ValidationPatches(Dataset):
+class ValidationPatches(_SplitBatches):
     """The per-epoch pseudo-Dice's data, as nnU-Net's: ``iterations`` batches of patches (no augmentation,
     the training batch's foreground share) from the validation cases. Item i is the same patches every epoch
     (seeded by seed, rank and i), so epochs are compared on the same data; ranks draw different ones."""
@@ -147,20 +158,10 @@ class ValidationPatches(Dataset):
                  iterations: int, oversample_foreground: float, seed: int = 0):
         self.case_ids = list(case_ids)
         self.patch_size = [int(p) for p in patch_size]
-        self.global_batch_size = int(batch_size)
-        self.global_num_foreground = int(round(self.global_batch_size * oversample_foreground))
-        self.batch_size, self.num_foreground = self.global_batch_size, self.global_num_foreground
+        self._set_batch(batch_size, oversample_foreground, self.patch_size)
         self.iterations = int(iterations) if self.case_ids else 0
-        self.seed, self.rank = int(seed), 0
+        self.seed = int(seed)
         self._cases = CaseArrays(cache)
-
-    def set_rank(self, rank: int, world_size: int) -> None:
-        self.rank = rank
-        self.batch_size, self.num_foreground = batch_share(self.global_batch_size, self.global_num_foreground,
-                                                           rank, world_size)
-
-    def batch_bytes(self, channels: int) -> int:
-        return self.batch_size * int(np.prod(self.patch_size)) * (4 * channels + 1)
 
     def __len__(self) -> int:
         return self.iterations
