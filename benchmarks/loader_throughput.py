@@ -34,8 +34,8 @@ def medseg(task: str, preprocessed: str, batches: int) -> None:
     from hydra import compose, initialize_config_dir
 
     from medseg.cli.common import CONFIG_DIR
-    from medseg.data.datamodule import SegmentationDataModule
-    from medseg.prepare import prepare
+    from medseg.loading.datamodule import SegmentationDataModule
+    from medseg.preprocessing.prepare import prepare
     from medseg.training.run import augmentation_settings
 
     torch.set_num_threads(1)  # one loader process, as nnU-Net's augmenter runs single-threaded numpy/torch

@@ -552,8 +552,8 @@ def section_sampling(data_root: str, draws: int = 3000, seed: int = 0) -> None:
     import nibabel as nib
     from types import SimpleNamespace
 
-    from medseg.data.augmentation import nnunet_settings, sampling_patch_size
-    from medseg.data.sampling import sample_patch
+    from medseg.loading.augmentation import nnunet_settings, sampling_patch_size
+    from medseg.loading.sampling import sample_patch
     from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
     from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 
@@ -621,7 +621,7 @@ def section_sampling(data_root: str, draws: int = 3000, seed: int = 0) -> None:
 def _augmentation_summary(data_root: str, n_initial, m_initial, seed: int, samples: int = 160) -> None:
     """The full training augmentation of both on the same cases (centred in each one's pre-augmentation patch):
     distribution of per-sample image statistics and of the classes' voxel counts relative to the input."""
-    from medseg.data.augmentation import augment_batch, nnunet_settings
+    from medseg.loading.augmentation import augment_batch, nnunet_settings
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     rot = (-30. / 360 * 2. * np.pi, 30. / 360 * 2. * np.pi)

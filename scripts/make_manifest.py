@@ -8,8 +8,8 @@ import argparse
 import json
 from pathlib import Path
 
-from medseg.data.adapters import build_manifest
-from medseg.data.manifest import assign_folds
+from medseg.datasets.adapters import build_manifest
+from medseg.datasets.manifest import assign_folds
 
 
 def main() -> None:

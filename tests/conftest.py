@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medseg.data.synthetic import generate_synthetic_dataset
+from medseg.datasets.synthetic import generate_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"

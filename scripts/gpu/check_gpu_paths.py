@@ -77,7 +77,7 @@ def check_compile(work: Path, device: str) -> dict:
 
 
 def check_augmentation_sync(device: str) -> dict:
-    from medseg.data.augmentation import apply_augmentation, draw_augmentation, nnunet_settings, sampling_patch_size
+    from medseg.loading.augmentation import apply_augmentation, draw_augmentation, nnunet_settings, sampling_patch_size
 
     patch = [40, 56, 40]
     settings = nnunet_settings(patch, p_rotation=1.0, p_scaling=1.0, p_noise=1.0, p_blur=1.0, p_brightness=1.0,

@@ -16,7 +16,7 @@ from submitit.core.job_environment import SignalHandler
 from submitit.core.utils import DelayedSubmission, JobPaths, UncompletedJobError, pickle_load
 from submitit.slurm.slurm import SlurmExecutor
 
-from medseg.data.synthetic import generate_synthetic_dataset
+from medseg.datasets.synthetic import generate_synthetic_dataset
 from tests.conftest import CONFIG_DIR
 
 SLURM_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
@@ -193,7 +193,7 @@ def test_local_twin_runs_each_fold_as_its_own_job(tmp_path):
 
 def test_concurrent_synthetic_generation_is_safe(tmp_path, monkeypatch):
     """Job B finds no dataset, starts generating; job A finishes first. B must then use A's dataset."""
-    import medseg.data.synthetic as synthetic
+    import medseg.datasets.synthetic as synthetic
 
     root = tmp_path / "synthetic"
     small = dict(num_train=2, num_test=0, shape=(8, 8, 8))

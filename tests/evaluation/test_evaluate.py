@@ -12,8 +12,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medseg.data.io import read_label, write_label
-from medseg.data.manifest import Case, Manifest
+from medseg.datasets.io import read_label, write_label
+from medseg.datasets.manifest import Case, Manifest
 from medseg.errors import MedsegError
 from medseg.evaluation.cv_summary import summarize_experiment
 from medseg.evaluation.evaluate import evaluate_folders

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medseg.data.adapters import build_manifest
+from medseg.datasets.adapters import build_manifest
 from medseg.inference.batch import predict_folder
 from medseg.models import create_model
 from medseg.planning.fingerprint import compute_fingerprint

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from medseg.data.synthetic import make_case
+from medseg.datasets.synthetic import make_case
 from medseg.inference.batch import SUMMARY_FILE
 from medseg.inference.predictor import Predictor
 from tests.inference.conftest import SCAN_CASES, predict_on_cpu

@@ -10,8 +10,8 @@ import pytest
 
 from medseg.errors import MedsegError
 from medseg.evaluation.metrics import write_case_csv
-from medseg.inference.postprocessing import (CANDIDATES_FILE, PostprocessingSpec, apply_postprocessing,
-                                             candidate_rows, decide, decide_for_run, keep_largest_component,
+from medseg.evaluation.postprocessing import CANDIDATES_FILE, candidate_rows, decide, decide_for_run
+from medseg.inference.postprocessing import (PostprocessingSpec, apply_postprocessing, keep_largest_component,
                                              load_postprocessing, save_postprocessing)
 
 LABELS = {0: "background", 1: "liver", 2: "tumor"}
@@ -215,7 +215,7 @@ class _IslandPredictor:
         self.calls = 0
 
     def predict_label(self, image, spacing):
-        from medseg.data.io import read_label
+        from medseg.datasets.io import read_label
 
         case = self.manifest.cases[self.calls]
         self.calls += 1
@@ -228,7 +228,7 @@ class _IslandPredictor:
 def test_validate_fold_writes_postprocessing_candidates(synthetic_root, tmp_path):
     import csv
 
-    from medseg.data.adapters import build_manifest
+    from medseg.datasets.adapters import build_manifest
     from medseg.training.validation import validate_fold
 
     manifest = build_manifest("msd", root=str(synthetic_root))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from medseg.data.io import read_image
+from medseg.datasets.io import read_image
 from medseg.inference import predictor as predictor_module
 from medseg.inference.predictor import Predictor, load_checkpoint, resample_rows
 from medseg.preprocessing.pipeline import CaseProperties, logits_to_original

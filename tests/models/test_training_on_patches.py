@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from medseg.data.io import read_image, read_label
-from medseg.data.sampling import pad_to
+from medseg.datasets.io import read_image, read_label
+from medseg.loading.sampling import pad_to
 from medseg.losses import create_loss
 from medseg.losses.registry import with_deep_supervision
 from medseg.models import create_model, list_models

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medseg.data.adapters import build_manifest
+from medseg.datasets.adapters import build_manifest
 from medseg.planning.fingerprint import compute_fingerprint
 from medseg.planning.planner import PlannerSettings, plan_dataset
 from tests.conftest import REPO

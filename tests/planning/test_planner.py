@@ -2,7 +2,7 @@
 
 import pytest
 
-from medseg.data.adapters import build_manifest
+from medseg.datasets.adapters import build_manifest
 from medseg.errors import ConfigError
 from medseg.planning.fingerprint import compute_fingerprint
 from medseg.planning.planner import PlannerSettings, plan_dataset, topology

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from medseg.data.adapters import build_manifest
-from medseg.data.io import read_image
+from medseg.datasets.adapters import build_manifest
+from medseg.datasets.io import read_image
 from medseg.planning.fingerprint import compute_fingerprint
 from medseg.planning.planner import PlannerSettings, plan_dataset
 from medseg.preprocessing.cache import preprocess_dataset
@@ -57,7 +57,7 @@ def test_preprocess_then_back_restores_the_input_grid(synthetic_root, target):
     assert (plan.transpose != [0, 1, 2]) == (target[1] == 1.6)
     config = plan.configuration("3d_fullres")
     image, geo = read_image(manifest.cases[0].images)
-    from medseg.data.io import read_label
+    from medseg.datasets.io import read_label
 
     label, _ = read_label(manifest.cases[0].label)
     data, seg, props = preprocess_image(image, geo.spacing, plan, config, "c", label)

@@ -13,9 +13,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medseg.data.adapters import build_manifest
-from medseg.data.io import read_image, read_label
-from medseg.data.synthetic import make_case
+from medseg.datasets.adapters import build_manifest
+from medseg.datasets.io import read_image, read_label
+from medseg.datasets.synthetic import make_case
 from medseg.errors import DatasetError, MedsegError, VolumeError
 from medseg.planning.fingerprint import compute_fingerprint
 from tests.conftest import compose, make_msd, write_nifti
@@ -183,7 +183,7 @@ def test_paths_leaving_the_root_are_all_refused_unless_allowed(tmp_path):
         build_manifest("msd", root=str(root))
     cfg = compose("plan", ["data=msd", f"data.root={root}"])
     assert cfg.data.allow_outside_root is False
-    from medseg.prepare import load_manifest
+    from medseg.preprocessing.prepare import load_manifest
 
     cfg = compose("plan", ["data=msd", f"data.root={root}", "data.allow_outside_root=true", "data.num_folds=3"])
     assert len(load_manifest(cfg.data, tmp_path / "prep").cases) == 3

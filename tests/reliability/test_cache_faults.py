@@ -13,7 +13,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from medseg.data.adapters import build_manifest
+from medseg.datasets.adapters import build_manifest
 from medseg.errors import MedsegError
 from medseg.planning.fingerprint import compute_fingerprint
 from medseg.planning.planner import PlannerSettings, plan_dataset
@@ -74,7 +74,7 @@ def test_disk_full_mid_write_leaves_the_case_untrusted_even_where_an_older_entry
 KILLED_RUN = """
 import os, signal, sys
 import numpy as np
-from medseg.data.adapters import build_manifest
+from medseg.datasets.adapters import build_manifest
 from medseg.planning.plan import Plan
 from medseg.preprocessing.cache import preprocess_dataset
 

@@ -17,9 +17,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from medseg.data.adapters import build_manifest
-from medseg.data.io import read_image, write_label
-from medseg.data.manifest import Case, Manifest, kfold_assignment
+from medseg.datasets.adapters import build_manifest
+from medseg.datasets.io import read_image, write_label
+from medseg.datasets.manifest import Case, Manifest, kfold_assignment
 from medseg.errors import DatasetError
 from medseg.inference.predictor import Predictor, TrainedModel
 from medseg.preprocessing.pipeline import preprocess_image

@@ -122,7 +122,7 @@ def test_lightnings_resume_path_loads_weights_only(tmp_path):
 
 
 def test_a_bad_dataset_is_refused_before_training_and_earlier_results_stay(tmp_path):
-    from medseg.data.synthetic import make_case
+    from medseg.datasets.synthetic import make_case
 
     cases = {f"c{i}": make_case(np.random.default_rng(i), (20, 24, 16), (1.0, 1.0, 1.0)) for i in range(5)}
     image, label = cases["c2"]

@@ -12,7 +12,7 @@ from unittest import mock
 import numpy as np
 import torch
 
-from medseg.data import datamodule
+from medseg.loading import datamodule
 
 
 def test_ranks_draw_different_patch_streams():

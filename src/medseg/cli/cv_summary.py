@@ -13,7 +13,8 @@ from medseg.errors import ConfigError
 @hydra.main(config_path=CONFIG_DIR, config_name="cv_summary", version_base="1.3")
 @friendly_errors
 def main(cfg: DictConfig) -> None:
-    from medseg.evaluation.cv_summary import find_runs, summarize_experiment
+    from medseg.evaluation.cv_summary import summarize_experiment
+    from medseg.layout import find_runs
     from medseg.evaluation.leaderboard import build_leaderboard, write_leaderboard
 
     experiment_dir = Path(cfg.experiment_dir)

@@ -11,7 +11,7 @@ from medseg.cli.common import CONFIG_DIR, friendly_errors
 @hydra.main(config_path=CONFIG_DIR, config_name="plan", version_base="1.3")
 @friendly_errors
 def main(cfg: DictConfig) -> None:
-    from medseg.prepare import prepare
+    from medseg.preprocessing.prepare import prepare
 
     prepared = prepare(cfg, list(cfg.preprocess))
     print(f"plan written to {prepared.folder / 'plans.json'}")

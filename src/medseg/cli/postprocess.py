@@ -11,7 +11,8 @@ from medseg.cli.common import CONFIG_DIR, friendly_errors
 @hydra.main(config_path=CONFIG_DIR, config_name="postprocess", version_base="1.3")
 @friendly_errors
 def main(cfg: DictConfig) -> None:
-    from medseg.inference.postprocessing import decide_for_run, format_decision, save_postprocessing
+    from medseg.evaluation.postprocessing import decide_for_run, format_decision
+    from medseg.inference.postprocessing import save_postprocessing
 
     run_dir = Path(cfg.run_dir)
     spec, evidence = decide_for_run(run_dir)

@@ -4,43 +4,17 @@ from __future__ import annotations
 
 import csv
 import math
-import re
 from pathlib import Path
 
 import numpy as np
 
 from medseg.errors import MedsegError
 from medseg.evaluation.metrics import METRICS, metric_stats
-
-
-FOLD_DIR = re.compile(r"fold_(\d+)")
-
-
-def fold_index(path: Path) -> int | None:
-    """k for a ``fold_<k>`` folder; None for anything else, such as ``fold_0.replaced-<time>`` set aside by
-    overwrite=true, whose cases would otherwise be counted twice."""
-    m = FOLD_DIR.fullmatch(path.name)
-    return int(m.group(1)) if m and path.is_dir() else None
-
-
-def fold_dirs(run_dir: Path) -> list[Path]:
-    """The run's fold_<k> folders, finished or not, by k."""
-    return sorted((d for d in run_dir.iterdir() if fold_index(d) is not None), key=fold_index)
-
-
-def is_finished(fold_dir: Path) -> bool:
-    return (fold_dir / "metrics.json").is_file() and (fold_dir / "validation" / "per_case.csv").is_file()
-
-
-def find_runs(experiment_dir: Path) -> list[Path]:
-    """``experiment_dir`` itself when it is a run (holds fold_<k> folders), else its run subfolders."""
-    if fold_dirs(experiment_dir):
-        return [experiment_dir]
-    return sorted(d for d in experiment_dir.iterdir() if d.is_dir() and fold_dirs(d))
+from medseg.layout import PER_CASE, VALIDATION, find_runs, fold_dirs, is_finished
 
 
 def read_case_rows(fold_dir: Path) -> list[dict]:
-    with open(fold_dir / "validation" / "per_case.csv") as f:
+    with open(fold_dir / VALIDATION / PER_CASE) as f:
         return list(csv.DictReader(f))
 
 

@@ -21,7 +21,7 @@ from nibabel.filebasedimages import ImageFileError
 from tqdm import tqdm
 
 from medseg.atomic import write_json
-from medseg.data.io import Geometry, image_suffix, read_label, strip_suffix
+from medseg.datasets.io import Geometry, image_suffix, read_label, strip_suffix
 from medseg.errors import ConfigError, MedsegError
 from medseg.evaluation.metrics import (DEFAULT_TOLERANCE_MM, METRICS, Tolerance, case_metrics, class_tolerances,
                                        summarize, write_case_csv)

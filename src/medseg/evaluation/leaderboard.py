@@ -30,8 +30,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from medseg.errors import MedsegError
-from medseg.evaluation.cv_summary import (case_value, find_runs, fold_dirs, fold_index, is_finished, metric_columns,
-                                          nanmean, read_case_rows)
+from medseg.evaluation.cv_summary import case_value, metric_columns, nanmean, read_case_rows
+from medseg.layout import find_runs, fold_dirs, fold_index, is_finished
 from medseg.evaluation.metrics import METRICS, metric_stats
 from medseg.evaluation.statistics import bootstrap_ci, holm, paired_wilcoxon
 

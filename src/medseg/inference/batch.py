@@ -21,8 +21,8 @@ import torch
 from tqdm import tqdm
 
 from medseg.atomic import write_json
-from medseg.data.adapters import list_images
-from medseg.data.io import Geometry, nonfinite_problem, read_image, write_label
+from medseg.datasets.adapters import list_images
+from medseg.datasets.io import Geometry, nonfinite_problem, read_image, write_label
 from medseg.inference.postprocessing import PostprocessingSpec, apply_postprocessing, load_postprocessing
 from medseg.errors import MedsegError, VolumeError, WriteError
 from medseg.locking import exclusive

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 
 from medseg.atomic import atomic_path
 from medseg.checkpoint import load_weights_only
-from medseg.data.io import image_suffix, read_image, strip_suffix, write_label
+from medseg.datasets.io import image_suffix, read_image, strip_suffix, write_label
 from medseg.errors import MedsegError
-from medseg.evaluation.cv_summary import fold_dirs as run_fold_dirs
+from medseg.layout import trained_fold_dirs
 from medseg.models import create_model
 from medseg.planning.plan import ConfigurationPlan, Plan
 from medseg.precision import autocast_dtype, cuda_capability, inference_precision
@@ -77,7 +77,7 @@ def find_checkpoints(ckpt_dir: str | Path, which: str = "last") -> list[Path]:
     back to ``last`` in a fold that has none."""
     ckpt_dir = Path(ckpt_dir)
     # fold_<k> only: folders set aside by overwrite=true (fold_<k>.replaced-<time>) are not ensemble members
-    fold_dirs = [ckpt_dir] if (ckpt_dir / "checkpoints").is_dir() else run_fold_dirs(ckpt_dir)
+    fold_dirs = [ckpt_dir] if (ckpt_dir / "checkpoints").is_dir() else trained_fold_dirs(ckpt_dir)
     found = []
     for d in fold_dirs:
         for name in (f"{which}.ckpt", "last.ckpt"):

@@ -15,10 +15,10 @@ import numpy as np
 from tqdm import tqdm
 
 from medseg.atomic import file_signature, write_json
-from medseg.data.io import nonfinite_problem, orientation, read_image, read_label
-from medseg.data.manifest import Case, Manifest
+from medseg.datasets.io import nonfinite_problem, orientation, read_image, read_label
+from medseg.datasets.manifest import Case, Manifest
 from medseg.errors import DatasetError
-from medseg.preprocessing.crop import crop_to_nonzero
+from medseg.planning.crop import crop_to_nonzero
 
 # nnU-Net draws the same number of foreground samples from every case (with replacement), so each case weighs
 # the same in the intensity statistics whatever its foreground size. medseg computes the expectation of those

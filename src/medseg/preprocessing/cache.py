@@ -16,8 +16,8 @@ import numpy as np
 from tqdm import tqdm
 
 from medseg.atomic import atomic_path, file_signature, write_json
-from medseg.data.io import read_image, read_label
-from medseg.data.manifest import Case, Manifest
+from medseg.datasets.io import read_image, read_label
+from medseg.datasets.manifest import Case, Manifest
 from medseg.errors import WriteError
 from medseg.planning.plan import ConfigurationPlan, Plan
 from medseg.preprocessing.pipeline import class_locations, preprocess_image

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from medseg.planning.plan import ConfigurationPlan, Plan
-from medseg.preprocessing.crop import crop_to_nonzero
+from medseg.planning.crop import crop_to_nonzero
 from medseg.preprocessing.normalize import normalize
 from medseg.preprocessing.resample import new_shape, resample_image, resample_label, resample_logits
 

@@ -19,8 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from medseg.atomic import write_json
 from medseg.checkpoint import load_weights_only
-from medseg.data.augmentation import nnunet_settings
-from medseg.data.datamodule import VALIDATION_MODES, SegmentationDataModule
+from medseg.loading.augmentation import nnunet_settings
+from medseg.loading.datamodule import VALIDATION_MODES, SegmentationDataModule
 from medseg.errors import CheckpointError, ConfigError, TrainingInterrupted
 from medseg.inference.predictor import Predictor, load_checkpoint
 from medseg.locking import exclusive
@@ -30,7 +30,7 @@ from medseg.models import create_model
 from medseg.models.summary import summarize_model
 from medseg.models.transformer import adapt_patch, patch_multiple
 from medseg.precision import cuda_capability, deterministic_setting, training_precision
-from medseg.prepare import prepare
+from medseg.preprocessing.prepare import prepare
 from medseg.training.callbacks import build_callbacks
 from medseg.training.checkpoint_io import AtomicCheckpointIO
 from medseg.training.guards import FiniteGuard

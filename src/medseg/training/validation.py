@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from medseg.data.io import read_image, read_label, write_label
-from medseg.data.manifest import Manifest
+from medseg.datasets.io import read_image, read_label, write_label
+from medseg.datasets.manifest import Manifest
 from medseg.atomic import write_json
 from medseg.evaluation.metrics import DEFAULT_TOLERANCE_MM, case_metrics, summarize, write_case_csv
-from medseg.inference.postprocessing import CANDIDATES_FILE, candidate_rows
+from medseg.evaluation.postprocessing import CANDIDATES_FILE, candidate_rows
 from medseg.inference.predictor import Predictor
 
 log = logging.getLogger(__name__)

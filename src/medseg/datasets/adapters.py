@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from medseg.data.io import IMAGE_SUFFIXES, strip_suffix
-from medseg.data.manifest import Case, Manifest
+from medseg.datasets.io import IMAGE_SUFFIXES, strip_suffix
+from medseg.datasets.manifest import Case, Manifest
 from medseg.errors import DatasetError
 
 ADAPTERS: dict[str, Callable[..., Manifest]] = {}

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from medseg.data.adapters import build_manifest
-from medseg.data.synthetic import make_case
+from medseg.datasets.adapters import build_manifest
+from medseg.datasets.synthetic import make_case
 from medseg.errors import DatasetError
 from medseg.planning.fingerprint import compute_fingerprint
 from tests.conftest import make_msd, write_nifti

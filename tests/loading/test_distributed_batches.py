@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from medseg.data.datamodule import PatchBatches, ValidationPatches, Volumes, batch_share
+from medseg.loading.datamodule import PatchBatches, ValidationPatches, Volumes, batch_share
 from medseg.errors import ConfigError
 
 

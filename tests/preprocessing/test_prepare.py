@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from medseg.data.synthetic import make_case
+from medseg.datasets.synthetic import make_case
 from medseg.errors import DatasetError
-from medseg.prepare import prepare
+from medseg.preprocessing.prepare import prepare
 from tests.conftest import compose, make_msd
 
 

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from medseg.data.shared_memory import LoaderPlan, fit_to_shared_memory
+from medseg.loading.shared_memory import LoaderPlan, fit_to_shared_memory
 
 MIB = 2**20
 
@@ -28,7 +28,7 @@ def test_fewer_batches_ahead_first_then_fewer_workers_then_none():
 PROBE = textwrap.dedent('''
     import sys
     import numpy as np
-    from medseg.data.datamodule import SegmentationDataModule
+    from medseg.loading.datamodule import SegmentationDataModule
 
     class Cache:
         def load_arrays(self, case_id, mmap=True):

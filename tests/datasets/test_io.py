@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from medseg.data.io import read_image, read_label, write_label
+from medseg.datasets.io import read_image, read_label, write_label
 
 
 def test_nifti_roundtrip_keeps_affine_and_header_codes(tmp_path):

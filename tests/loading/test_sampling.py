@@ -1,6 +1,6 @@
 import numpy as np
 
-from medseg.data.sampling import sample_patch
+from medseg.loading.sampling import sample_patch
 from medseg.preprocessing.pipeline import class_locations
 
 
@@ -34,7 +34,7 @@ def test_2d_patches_come_from_one_slice_and_forced_ones_from_the_labelled_slice(
 
 
 def test_patch_bounds_follow_nnunet_get_bbox():
-    from medseg.data.sampling import patch_bounds
+    from medseg.loading.sampling import patch_bounds
 
     # a large case: the box may leave it by half the augmentation margin on each side
     assert patch_bounds([100, 80], [60, 50], [20, 10]) == ([-10, -5], [50, 35])
@@ -44,7 +44,7 @@ def test_patch_bounds_follow_nnunet_get_bbox():
 
 
 def test_random_patches_reach_half_the_margin_beyond_the_border_uniformly():
-    from medseg.data.sampling import patch_start
+    from medseg.loading.sampling import patch_start
 
     rng = np.random.default_rng(0)
     starts = np.array([patch_start([100], [60], rng, margin=[20]) for _ in range(4000)])[:, 0]

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from medseg.data.adapters import build_manifest
-from medseg.data.manifest import Manifest, assign_folds
-from medseg.data.synthetic import generate_synthetic_dataset
+from medseg.datasets.adapters import build_manifest
+from medseg.datasets.manifest import Manifest, assign_folds
+from medseg.datasets.synthetic import generate_synthetic_dataset
 from medseg.planning.fingerprint import DatasetFingerprint, compute_fingerprint, source_key
 from medseg.planning.plan import Plan
 from medseg.planning.planner import PlannerSettings, plan_dataset

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from medseg.data.augmentation import (
+from medseg.loading.augmentation import (
     AugmentationSettings,
     _centre_crop,
     _sample_affines,
@@ -154,7 +154,7 @@ class _FakeCache:
 
 
 def test_device_side_augmentation_gets_raw_larger_patches_and_finishes_them_after_transfer():
-    from medseg.data.datamodule import PatchBatches, SegmentationDataModule
+    from medseg.loading.datamodule import PatchBatches, SegmentationDataModule
 
     patch = [12, 16, 12]
     s = nnunet_settings(patch)

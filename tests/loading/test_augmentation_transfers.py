@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 
-from medseg.data.augmentation import (AugmentationSettings, apply_augmentation, draw_augmentation, nnunet_settings,
+from medseg.loading.augmentation import (AugmentationSettings, apply_augmentation, draw_augmentation, nnunet_settings,
                                       sampling_patch_size)
-from medseg.data.datamodule import PatchBatches, SegmentationDataModule
+from medseg.loading.datamodule import PatchBatches, SegmentationDataModule
 from medseg.preprocessing.cache import PreprocessedCache
 from medseg.preprocessing.pipeline import class_locations
 

@@ -15,10 +15,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
-from medseg.data.augmentation import (AugmentationSettings, apply_augmentation, augment_batch, draw_augmentation,
+from medseg.loading.augmentation import (AugmentationSettings, apply_augmentation, augment_batch, draw_augmentation,
                                       sampling_patch_size)
-from medseg.data.sampling import sample_patch
-from medseg.data.shared_memory import sized_loader
+from medseg.loading.sampling import sample_patch
+from medseg.loading.shared_memory import sized_loader
 from medseg.errors import ConfigError
 from medseg.preprocessing.cache import PreprocessedCache
 
@@ -64,7 +64,7 @@ def draw_patches(cases: CaseArrays, case_ids: list[str], size, batch_size: int, 
                  rng: np.random.Generator, margin=None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """A batch of patches: image float32 (B, C, *size), label (B, 1, *size) as uint8 (an eighth of the bytes
     through shared memory and to the GPU) where the values allow, and the case ids. The last
-    ``num_foreground`` samples are centred on foreground; ``margin``: see medseg.data.sampling.sample_patch."""
+    ``num_foreground`` samples are centred on foreground; ``margin``: see medseg.loading.sampling.sample_patch."""
     images, labels, ids = [], [], []
     for k in range(batch_size):
         case_id = case_ids[rng.integers(len(case_ids))]

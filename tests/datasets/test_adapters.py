@@ -4,8 +4,8 @@ import shutil
 import numpy as np
 import pytest
 
-from medseg.data.adapters import build_manifest
-from medseg.data.manifest import Manifest, assign_folds, kfold_assignment
+from medseg.datasets.adapters import build_manifest
+from medseg.datasets.manifest import Manifest, assign_folds, kfold_assignment
 from medseg.errors import DatasetError
 
 
