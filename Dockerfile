@@ -9,8 +9,8 @@ ENV PYTHONUNBUFFERED=1 \
 RUN useradd --create-home --uid 1000 medseg
 WORKDIR /opt/medseg
 COPY --chown=medseg:medseg pyproject.toml README.md ./
+# the Hydra configs come with src (src/medseg/configs, package data)
 COPY --chown=medseg:medseg src ./src
-COPY --chown=medseg:medseg configs ./configs
 COPY --chown=medseg:medseg scripts ./scripts
 COPY --chown=medseg:medseg data_manifests ./data_manifests
 # the same install step as README.md (torch comes with the base image, CUDA build)

@@ -12,7 +12,8 @@ end=$(date +%s)
 echo "wall seconds: $((end - start)) (plan + preprocess + train + full-volume validation)"
 python - "$work" <<'PY'
 import json, sys, pathlib
+from medseg.atomic import number  # metrics.json writes a Dice that does not exist as null
 m = json.loads(next(pathlib.Path(sys.argv[1]).glob("outputs/*/unet__dice_ce/fold_0/metrics.json")).read_text())
-print("validation Dice per class:", {k: round(v, 4) for k, v in m["dice"].items()}, "mean:", round(m["dice_mean"], 4),
-      "cases:", m["num_cases"])
+print("validation Dice per class:", {k: round(number(v), 4) for k, v in m["dice"].items()},
+      "mean:", round(number(m["dice_mean"]), 4), "cases:", m["num_cases"])
 PY

@@ -40,6 +40,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from medseg.atomic import write_json
 from medseg.models import create_model
 from medseg.planning.fingerprint import CaseFingerprint, ChannelIntensity, DatasetFingerprint
 from medseg.planning.planner import PlannerSettings, plan_dataset
@@ -245,7 +246,7 @@ def main() -> None:
         record.update(full_width_estimate(args, plan, model, peak))
     else:
         print(f"target < {TARGET_GB:.0f} GB: {'met' if peak < TARGET_GB else 'NOT met'}")
-    (args.work / f"result_w{args.base_features}.json").write_text(json.dumps(record, indent=1))
+    write_json(args.work / f"result_w{args.base_features}.json", record)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def medseg(task: str, preprocessed: str, batches: int) -> None:
     from medseg.cli.common import CONFIG_DIR
     from medseg.loading.datamodule import SegmentationDataModule
     from medseg.preprocessing.prepare import prepare
-    from medseg.training.run import augmentation_settings
+    from medseg.training.settings import augmentation_settings
 
     torch.set_num_threads(1)  # one loader process, as nnU-Net's augmenter runs single-threaded numpy/torch
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):

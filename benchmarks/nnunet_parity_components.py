@@ -434,9 +434,9 @@ def section_optim() -> None:
     from omegaconf import OmegaConf
     from hydra.utils import instantiate
 
-    sgd = OmegaConf.load(REPO / "configs/optimizer/sgd.yaml")
-    poly = OmegaConf.load(REPO / "configs/scheduler/poly.yaml")
-    trainer = OmegaConf.load(REPO / "configs/trainer/default.yaml")
+    sgd = OmegaConf.load(REPO / "src/medseg/configs/optimizer/sgd.yaml")
+    poly = OmegaConf.load(REPO / "src/medseg/configs/scheduler/poly.yaml")
+    trainer = OmegaConf.load(REPO / "src/medseg/configs/trainer/default.yaml")
     epochs = 6
     p = [torch.nn.Parameter(torch.zeros(1))]
     om = instantiate(sgd)(p)

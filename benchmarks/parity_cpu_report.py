@@ -21,6 +21,11 @@ def load(folder: Path) -> dict:
     return runs
 
 
+def _number(value) -> float:
+    """medseg's metrics.json writes a Dice that does not exist (class in no held-out case) as null."""
+    return float("nan") if value is None else float(value)
+
+
 def _spread(values: list[float]) -> str:
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.3f} ± {std:.3f}"
@@ -35,10 +40,10 @@ def main(folder: Path) -> None:
         classes = sorted(next(iter(seeds.values()))["dice"])
         per_class = []
         for c in classes:
-            values = [r["dice"][c] for r in seeds.values()]
+            values = [_number(r["dice"][c]) for r in seeds.values()]
             learned = sum(v > LEARNED for v in values)
             per_class.append(f"{c} {_spread(values)} ({learned}/{len(values)})")
-        mean_per_seed = {s: statistics.mean(r["dice"].values()) for s, r in seeds.items()}
+        mean_per_seed = {s: statistics.mean(map(_number, r["dice"].values())) for s, r in seeds.items()}
         means[(budget, framework)] = statistics.mean(mean_per_seed.values())
         detail = ", ".join(f"{s}: {v:.3f}" for s, v in sorted(mean_per_seed.items()))
         print(f"| {budget} | {framework} | {len(seeds)} | {'; '.join(per_class)} | "

@@ -10,10 +10,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from medseg.cli.common import CONFIG_DIR as medseg_config_dir
 from medseg.datasets.synthetic import generate_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO / "configs"
+CONFIG_DIR = Path(medseg_config_dir)  # the package's own configs (src/medseg/configs), as the CLIs find them
 
 
 def hippocampus_root() -> Path:

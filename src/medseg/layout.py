@@ -64,9 +64,11 @@ def fold_dirs(run_dir: Path) -> list[Path]:
 
 
 def trained_fold_dirs(run_dir: Path) -> list[Path]:
-    """Every fold folder with weights to predict with: the cross-validation folds, then fold_all."""
+    """The fold folders a run predicts with: its cross-validation folds (an ensemble), or fold_all where the run
+    has no others (point at fold_all itself to predict with it beside cross-validation folds)."""
     run_dir = Path(run_dir)
-    return fold_dirs(run_dir) + [d for d in [fold_dir(run_dir, ALL_FOLD)] if d.is_dir()]
+    folds = fold_dirs(run_dir)
+    return folds or [d for d in [fold_dir(run_dir, ALL_FOLD)] if d.is_dir()]
 
 
 def is_finished(fold: Path) -> bool:

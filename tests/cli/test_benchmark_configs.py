@@ -11,8 +11,8 @@ from medseg.models import list_models
 from tests.conftest import CONFIG_DIR
 
 FAMILIES = {"unet", "resenc_unet", "swin_unetr", "umamba_bot", "vilu_net"}
-# SwinUNETR takes hours per cell on a CPU (configs/experiment/benchmark_cpu.yaml); the transformer family there is
-# UNETR with a small encoder
+# SwinUNETR takes hours per cell on a CPU (src/medseg/configs/experiment/benchmark_cpu.yaml); the transformer
+# family there is UNETR with a small encoder
 CPU_FAMILIES = FAMILIES - {"swin_unetr"} | {"unetr_small"}
 DATA = ["data=msd", "data.root=/data/Task04_Hippocampus"]
 

@@ -42,7 +42,17 @@ def trained_run(hippocampus, hippo_subset, tmp_path_factory):
             "paths.output=outputs", "paths.preprocessed=outputs/preprocessed"]
     result = _run("medseg-train", *args, cwd=work)
     assert result.returncode == 0, result.stderr[-4000:]
+    (work / "train_console.txt").write_text(result.stdout + result.stderr)  # what the person saw
     return work, work / "outputs" / "hippo_subset" / "unet__dice_ce", args
+
+
+def test_training_console_says_each_thing_once_and_where_the_results_are(trained_run):
+    work, run_dir, _ = trained_run
+    seen = (work / "train_console.txt").read_text()
+    assert seen.count("GPU available") == 1 and seen.count("`Trainer.fit` stopped") == 1, seen[-3000:]
+    assert "💡" not in seen and "litlogger" not in seen
+    assert f"run folder: {run_dir.absolute()}" in seen
+    assert f"metrics: {(run_dir / 'fold_0' / 'metrics.json').absolute()} (mean Dice " in seen
 
 
 def test_training_writes_metrics_checkpoints_and_logs_and_loss_falls(trained_run):

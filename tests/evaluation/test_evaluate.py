@@ -12,11 +12,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from medseg.atomic import number
 from medseg.datasets.io import read_label, write_label
 from medseg.datasets.manifest import Case, Manifest
 from medseg.errors import MedsegError
 from medseg.evaluation.cv_summary import summarize_experiment
-from medseg.evaluation.evaluate import evaluate_folders
+from medseg.evaluation.evaluate import evaluate_folders, format_table
+from medseg.evaluation.leaderboard import build_leaderboard, leaderboard_markdown
 from medseg.evaluation.metrics import case_metrics, summarize, write_case_csv
 from medseg.training.validation import validate_fold
 
@@ -142,8 +144,10 @@ def test_default_classes_come_from_the_references_and_nan_is_null_in_json(tmp_pa
     assert [k for k in rows[0] if k.startswith("dice_")] == ["dice_1", "dice_2"]
     assert math.isnan(rows[0]["dice_2"]) and rows[1]["dice_2"] == 0.0
     assert summary["unscored_label_values"] == [7]
-    on_disk = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    on_disk = _strict_json(tmp_path / "ev" / "summary.json")
     assert on_disk["per_class"]["2"]["hd95"] == {"mean": None, "std": None, "n": 0}
+    # the table from the summary read back shows what the one computed in memory shows
+    assert format_table(on_disk) == format_table(summary) and "n/a" in format_table(on_disk)
 
 
 def test_nnunet_dataset_json_names_the_classes(tmp_path):
@@ -213,6 +217,50 @@ def test_validation_rows_and_metrics_carry_all_three_metrics(tmp_path):
     saved = json.loads((tmp_path / "fold_0" / "metrics.json").read_text())
     assert set(saved["dice"]) == {"a", "b"} and saved["num_cases"] == 1 and "dice_mean" in saved
     assert set(saved["hd95"]) == {"a", "b"} and saved["nsd_mean"] == metrics["nsd_mean"]
+
+
+def _strict_json(path: Path):
+    """Parse as jq, JavaScript or Go would: a bare NaN or Infinity is an error."""
+    def refuse(constant):
+        raise ValueError(f"{path}: {constant} is not JSON")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+class _Misses:
+    """Predicts the reference without class 2: class b is never predicted (HD95 undefined in every case)."""
+
+    def __init__(self, label: np.ndarray):
+        self.label = label
+
+    def predict_label(self, image, spacing):
+        return np.where(self.label == 2, 0, self.label)
+
+
+def test_metrics_json_of_a_class_never_predicted_is_strict_and_summaries_still_say_nan(tmp_path):
+    ref = _cube(value=1)
+    ref[20:25, 20:25, 20:25] = 2
+    image = _save(tmp_path / "img.nii.gz", ref.astype(np.float32) * 10)
+    label = _save(tmp_path / "lab.nii.gz", ref)
+    reference, _ = read_label(label)
+    # class c is in no mask at all: Dice, HD95 and NSD undefined
+    manifest = Manifest("m", ["MRI"], {0: "background", 1: "a", 2: "b", 3: "c"},
+                        [Case("c0", [str(image)], str(label), 0)])
+    run = tmp_path / "exp" / "unet__dice_ce"
+    metrics = validate_fold(_Misses(reference), manifest, ["c0"], run / "fold_0", 0, progress=False,
+                            extra={"timing": {"peak_gpu_memory_gb": None, "train_s": 10.0}})
+    assert math.isnan(metrics["hd95"]["b"]) and math.isnan(metrics["dice"]["c"])  # in memory: NaN as before
+    saved = _strict_json(run / "fold_0" / "metrics.json")
+    assert saved["hd95"]["b"] is None and saved["dice"]["c"] is None and saved["dice"]["b"] == 0.0
+    assert saved["per_class"]["b"]["hd95"] == {"mean": None, "std": None, "n": 0}
+    assert math.isnan(number(saved["hd95"]["b"])) and number(saved["dice_mean"]) == metrics["dice_mean"]
+    table = summarize_experiment(tmp_path / "exp")
+    assert "| unet__dice_ce | all | hd95_b | nan | nan | 0 |" in table
+    assert "| unet__dice_ce | all | dice_c | nan | nan | 0 |" in table
+    board = build_leaderboard(tmp_path / "exp")
+    (row,) = board.rows
+    assert math.isnan(row["hd95_b"]) and row["train_h_total"] == pytest.approx(10 / 3600)
+    assert row["peak_gpu_memory_gb"] is None
+    assert "| `unet__dice_ce` | 1.0000 ± 0.0000 | 0.0000 ± 0.0000 | - |" in leaderboard_markdown(board)
 
 
 def test_cv_summary_reports_every_metric_and_its_mean_over_classes(tmp_path):

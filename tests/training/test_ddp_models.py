@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "src" / "medseg" / "configs"
 MODELS = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
 # narrower than the configs' defaults where those would dominate the run on a CPU
 SMALL = {"swin_unetr": ["model.feature_size=12", "model.depths=[1,1,1,1]", "model.num_heads=[1,1,2,2]"],

@@ -12,6 +12,7 @@ from lightning.pytorch.strategies import Strategy
 
 from medseg.precision import deterministic_setting, inference_precision, training_precision
 from medseg.training import run as run_module
+from medseg.training.settings import trainer_kwargs
 from tests.conftest import compose
 
 
@@ -46,8 +47,8 @@ def test_bf16_only_where_the_gpu_has_it_natively(tmp_path, capability, expected)
     with mock.patch("torch.cuda.is_available", return_value=True), \
             mock.patch("torch.cuda.is_bf16_supported", return_value=True), \
             mock.patch("torch.cuda.get_device_capability", return_value=capability):
-        assert run_module._trainer_kwargs(cfg)["precision"] == expected
-    assert run_module._trainer_kwargs(cfg)["precision"] == "32-true"  # this CPU machine
+        assert trainer_kwargs(cfg)["precision"] == expected
+    assert trainer_kwargs(cfg)["precision"] == "32-true"  # this CPU machine
 
 
 def test_prediction_precision_follows_training_only_where_safe():
@@ -62,7 +63,7 @@ def test_prediction_precision_follows_training_only_where_safe():
 def test_deterministic_mode_warns_for_ops_without_a_deterministic_implementation(tmp_path):
     import lightning as L
 
-    kwargs = run_module._trainer_kwargs(_cfg(tmp_path, "trainer.deterministic=true"))
+    kwargs = trainer_kwargs(_cfg(tmp_path, "trainer.deterministic=true"))
     assert kwargs["deterministic"] == "warn" and kwargs["benchmark"] is False
     assert deterministic_setting(False) is False
     try:

@@ -1,4 +1,7 @@
-"""Dataset adapters: each turns one on-disk layout into a Manifest (cases, channels, labels)."""
+"""Dataset adapters: each turns one on-disk layout into a Manifest (cases, channels, labels).
+
+``build_manifest`` refuses a key the adapter does not take (ConfigError naming it and the accepted keys), so a
+misspelled key in a data config is an error rather than a default."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
+from medseg.config_keys import accepted_keys, check_keys
 from medseg.datasets.io import IMAGE_SUFFIXES, strip_suffix
 from medseg.datasets.manifest import Case, Manifest
 from medseg.errors import DatasetError
@@ -13,17 +17,31 @@ from medseg.errors import DatasetError
 ADAPTERS: dict[str, Callable[..., Manifest]] = {}
 
 
+# data.* keys every adapter is handed but that are read elsewhere: fold_seed by the fold assignment
+# (medseg.preprocessing.prepare.load_manifest); ``adapter`` selects the adapter, ``synthetic`` is taken out before
+SHARED_DATA_KEYS = ("fold_seed",)
+
+
 def register_adapter(name: str):
     def wrap(fn: Callable[..., Manifest]) -> Callable[..., Manifest]:
+        accepted_keys(fn)  # refuses an adapter taking **kwargs: its keys could not be checked
         ADAPTERS[name] = fn
         return fn
     return wrap
 
 
-def build_manifest(adapter: str, **kwargs) -> Manifest:
+def adapter_keys(adapter: str) -> tuple[str, ...]:
+    """The data config keys adapter ``adapter`` takes (besides ``adapter`` and the shared ``fold_seed``)."""
     if adapter not in ADAPTERS:
         raise DatasetError([f"unknown dataset adapter {adapter!r}; known: {sorted(ADAPTERS)}"])
-    return ADAPTERS[adapter](**kwargs)
+    return accepted_keys(ADAPTERS[adapter])
+
+
+def build_manifest(adapter: str, **kwargs) -> Manifest:
+    """The manifest of adapter ``adapter``; a key it does not take is a ConfigError (before any file is read)."""
+    keys = adapter_keys(adapter)
+    check_keys(kwargs, (*keys, *SHARED_DATA_KEYS), f"dataset adapter {adapter!r}", "data")
+    return ADAPTERS[adapter](**{k: v for k, v in kwargs.items() if k in keys})
 
 
 def _read_json(path: Path) -> dict:
@@ -66,7 +84,7 @@ class _Paths:
 
 
 @register_adapter("msd")
-def msd(root: str, name: str | None = None, num_folds: int = 5, allow_outside_root: bool = False, **_) -> Manifest:
+def msd(root: str, name: str | None = None, num_folds: int = 5, allow_outside_root: bool = False) -> Manifest:
     """Medical Segmentation Decathlon: dataset.json with ``modality``, ``labels`` and ``training`` pairs."""
     root_p = Path(root)
     meta_path, meta = _dataset_json(root_p, ("modality", "labels", "training"))
@@ -82,7 +100,7 @@ def msd(root: str, name: str | None = None, num_folds: int = 5, allow_outside_ro
 
 
 @register_adapter("nnunet_raw")
-def nnunet_raw(root: str, name: str | None = None, num_folds: int = 5, **_) -> Manifest:
+def nnunet_raw(root: str, name: str | None = None, num_folds: int = 5) -> Manifest:
     """nnU-Net v2 raw layout: ``imagesTr/<case>_<cccc><ending>`` per channel, ``labelsTr/<case><ending>``."""
     root_p = Path(root)
     meta_path, meta = _dataset_json(root_p, ("channel_names", "labels", "file_ending"))
@@ -109,8 +127,8 @@ def nnunet_raw(root: str, name: str | None = None, num_folds: int = 5, **_) -> M
 
 
 @register_adapter("manifest")
-def manifest_file(path: str, root: str, num_folds: int = 5, name: str | None = None, allow_outside_root: bool = False,
-                  **_) -> Manifest:
+def manifest_file(path: str, root: str, num_folds: int = 5, name: str | None = None,
+                  allow_outside_root: bool = False) -> Manifest:
     """A manifest JSON (data_manifests/); case paths are relative to ``root`` and may not leave it unless
     ``allow_outside_root``."""
     path_p = Path(path)

@@ -48,13 +48,18 @@ class Manifest:
                 return c
         raise KeyError(f"case {case_id!r} is not in manifest {self.name!r}")
 
-    def split(self, fold: int) -> tuple[list[str], list[str]]:
-        """(training ids, validation ids) of a fold."""
-        if not 0 <= fold < self.num_folds:
-            raise DatasetError([f"fold {fold} does not exist: the manifest has folds 0..{self.num_folds - 1}"],
-                               self.name)
+    def split(self, fold: int | str) -> tuple[list[str], list[str]]:
+        """(training ids, validation ids) of a fold; fold "all" trains on every case and holds none out."""
+        if fold == "all":
+            return [c.case_id for c in self.cases], []
+        if not (isinstance(fold, int) and 0 <= fold < self.num_folds):
+            raise DatasetError([f"fold {fold} does not exist: the manifest has folds 0..{self.num_folds - 1} "
+                                "(or 'all' to train on every case)"], self.name)
         train = [c.case_id for c in self.cases if c.fold != fold]
         val = [c.case_id for c in self.cases if c.fold == fold]
+        if not val:
+            used = sorted({c.fold for c in self.cases if c.fold is not None})
+            raise DatasetError([f"fold {fold} holds no case: the cases are assigned to folds {used}"], self.name)
         return train, val
 
     # ---- JSON -------------------------------------------------------------------------------------

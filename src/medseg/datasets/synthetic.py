@@ -7,13 +7,14 @@ anisotropic spacing. It is segmentable by a small U-Net within minutes on a CPU.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from medseg.atomic import dumps_json
 
 
 def _ellipsoid(shape, center, radii) -> np.ndarray:
@@ -78,7 +79,7 @@ def generate_synthetic_dataset(root: str | Path, num_train: int = 24, num_test: 
                 "modality": {"0": "MRI"}, "labels": {"0": "background", "1": "outer", "2": "inner"},
                 "numTraining": num_train, "numTest": num_test, "training": training,
                 "test": [f"./imagesTs/synthetic_{i:03d}.nii.gz" for i in range(num_train, num_train + num_test)]}
-        (tmp / "dataset.json").write_text(json.dumps(meta, indent=1))
+        (tmp / "dataset.json").write_text(dumps_json(meta, indent=1))
         try:
             tmp.replace(root)
         except OSError:

@@ -20,7 +20,7 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from tqdm import tqdm
 
-from medseg.atomic import write_json
+from medseg.atomic import number, write_json
 from medseg.datasets.io import Geometry, image_suffix, read_label, strip_suffix
 from medseg.errors import ConfigError, MedsegError
 from medseg.evaluation.metrics import (DEFAULT_TOLERANCE_MM, METRICS, Tolerance, case_metrics, class_tolerances,
@@ -231,17 +231,6 @@ def _row(result: CaseResult, classes: Mapping[int, str]) -> dict:
             **{f"{m}_{name}": result.scores.get(f"{m}_{name}", nan) for m in METRICS for name in classes.values()}}
 
 
-def _json_safe(obj):
-    """NaN as null: summary.json stays strict JSON that any reader accepts."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, labels: Mapping[int, str] | str | Path | None = None,
                      tolerance_mm: Tolerance = DEFAULT_TOLERANCE_MM, num_processes: int = 2,
                      output: str | Path | None = None, progress: bool = False) -> tuple[list[dict], dict]:
@@ -279,7 +268,7 @@ def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, labels: Mapping[
                "nsd_tolerance_mm": {classes[c]: t for c, t in tolerances.items()},
                "unscored_label_values": unscored, **summarize(rows, classes)}
     write_case_csv(rows, output / "per_case.csv")
-    write_json(output / "summary.json", _json_safe(summary))
+    write_json(output / "summary.json", summary)  # strict JSON: NaN as null
     return rows, summary
 
 
@@ -297,6 +286,8 @@ def format_table(summary: dict) -> str:
         c = stats["cases"]
         lines.append(f"| {name} | {' | '.join(cell(stats[m]) for m in METRICS)} | "
                      f"{c['in_both']} / {c['in_one_only']} / {c['in_neither']} |")
-    means = " | ".join("n/a" if math.isnan(summary[f"{m}_mean"]) else f"{summary[f'{m}_mean']:.4f}" for m in METRICS)
+    # also a summary read back from summary.json, where a mean over no cases is null
+    means = " | ".join("n/a" if math.isnan(number(summary[f"{m}_mean"])) else f"{summary[f'{m}_mean']:.4f}"
+                       for m in METRICS)
     lines.append(f"| mean over classes | {means} | {summary['num_cases']} cases |")
     return "\n".join(lines)

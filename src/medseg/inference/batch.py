@@ -42,11 +42,16 @@ class BatchSummary:
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, dict[str, float]] = field(default_factory=dict)  # per written case: read/predict/write
+    output_dir: Path | None = None  # where the label maps and prediction_summary.json went
 
     def report(self) -> str:
         lines = [f"predicted {len(self.written)}, skipped {len(self.skipped)} (already done), "
                  f"failed {len(self.failed)}"]
         lines += [f"  failed {case}: {err}" for case, err in self.failed.items()]
+        if self.output_dir is not None:
+            out = self.output_dir.absolute()
+            already = f"; {len(self.skipped)} already there" if self.skipped else ""
+            lines.append(f"wrote {len(self.written)} case(s) to {out}{already} (record: {out / SUMMARY_FILE})")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -137,7 +142,7 @@ def predict_folder(ckpt_dir: Path, input_dir: Path, output_dir: Path, checkpoint
     output_dir.mkdir(parents=True, exist_ok=True)
     # two predictions into one folder would race on the skip-existing check and the summary
     with exclusive(output_dir / LOCK_FILE, output_dir, "prediction"):
-        summary = BatchSummary()
+        summary = BatchSummary(output_dir=output_dir)
         jobs = pending_jobs(cases, output_dir, save_probabilities, overwrite, summary)
         log.info("predicting %d case(s) with %d model(s) on %s (%s)", len(jobs), len(models), dev,
                  predictor.precision)
@@ -201,13 +206,14 @@ class _Progress:
         self.total, self.count = total, 0
         self.tqdm = tqdm(total=total, desc="predict", unit="case", disable=not self.bar)
 
-    def done(self, case_id: str, outcome: str) -> None:
+    def done(self, case_id: str, outcome: str, failed: bool = False) -> None:
         self.count += 1
         if self.bar:
             self.tqdm.set_postfix_str(case_id, refresh=False)
             self.tqdm.update()
         else:
-            log.info("[%d/%d] %s: %s", self.count, self.total, case_id, outcome)
+            log.log(logging.ERROR if failed else logging.INFO, "[%d/%d] %s: %s", self.count, self.total, case_id,
+                    outcome)
 
     def close(self) -> None:
         self.tqdm.close()
@@ -326,6 +332,7 @@ class _Pipeline:
                       .format(sum(times.values()), **times))
 
     def fail(self, job: CaseJob, error: Exception) -> None:
-        log.error("case %s failed: %s", job.case_id, _reason(error))
+        if self.bar.bar:  # the bar names no reasons; plain progress lines do, so the failure is logged once
+            log.error("case %s failed: %s", job.case_id, _reason(error))
         self.summary.failed[job.case_id] = _reason(error)
-        self.bar.done(job.case_id, f"failed ({_reason(error)})")
+        self.bar.done(job.case_id, f"failed ({_reason(error)})", failed=True)

@@ -1,3 +1,3 @@
-from medseg.losses.registry import create_loss, list_losses
+from medseg.losses.registry import check_loss_keys, create_loss, list_losses, loss_keys
 
-__all__ = ["create_loss", "list_losses"]
+__all__ = ["check_loss_keys", "create_loss", "list_losses", "loss_keys"]

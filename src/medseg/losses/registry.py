@@ -1,4 +1,8 @@
-"""Loss registry. Losses take (logits, integer labels (B, 1, ...)); deep supervision wraps any of them."""
+"""Loss registry. Losses take (logits, integer labels (B, 1, ...)); deep supervision wraps any of them.
+
+``create_loss`` refuses a key the loss's factory does not take (ConfigError naming it and the accepted keys),
+so a misspelled key in a loss config never silently trains the defaults. Each loss's name is its config's file
+name (configs/loss/<name>.yaml) and the second part of the run folder's name."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import torch
 import torch.nn as nn
 from monai.losses import DeepSupervisionLoss, DiceCELoss, DiceLoss, FocalLoss, TverskyLoss
 
+from medseg.config_keys import accepted_keys, check_keys
 from medseg.errors import ConfigError
 
 _LOSSES: dict[str, Callable[..., nn.Module]] = {}
@@ -15,6 +20,9 @@ _LOSSES: dict[str, Callable[..., nn.Module]] = {}
 
 def register_loss(name: str):
     def wrap(factory):
+        if name in _LOSSES:
+            raise ValueError(f"loss {name!r} registered twice")
+        accepted_keys(factory)  # refuses a factory taking **kwargs: its keys could not be checked
         _LOSSES[name] = factory
         return factory
     return wrap
@@ -24,22 +32,36 @@ def list_losses() -> list[str]:
     return sorted(_LOSSES)
 
 
-def create_loss(name: str, **kwargs) -> nn.Module:
+def loss_keys(name: str) -> tuple[str, ...]:
+    """The config keys loss ``name`` takes (besides ``name``)."""
     if name not in _LOSSES:
         raise ConfigError(f"unknown loss {name!r}; available: {list_losses()}")
+    return accepted_keys(_LOSSES[name])
+
+
+def check_loss_keys(name: str, kwargs) -> None:
+    """ConfigError for an unknown loss or a config key (``kwargs``, without ``name``) it does not take; nothing
+    is built (a config can be checked before data is read)."""
+    check_keys(kwargs, loss_keys(name), f"loss {name!r}", "loss", name)
+
+
+def create_loss(name: str, **kwargs) -> nn.Module:
+    """Build loss ``name``; ``kwargs`` are its config's keys (without ``name``). A key the loss does not take is a
+    ConfigError naming it and the accepted keys."""
+    check_loss_keys(name, kwargs)
     return _LOSSES[name](**kwargs)
 
 
 @register_loss("dice_ce")
 def dice_ce(lambda_dice: float = 1.0, lambda_ce: float = 1.0, smooth: float = 1e-5, batch_dice: bool = True,
-            **_) -> nn.Module:
+) -> nn.Module:
     # background excluded from Dice (not from CE), as nnU-Net
     return DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=batch_dice,
                       smooth_nr=smooth, smooth_dr=smooth, lambda_dice=lambda_dice, lambda_ce=lambda_ce)
 
 
 @register_loss("dice")
-def dice(smooth: float = 1e-5, batch_dice: bool = True, **_) -> nn.Module:
+def dice(smooth: float = 1e-5, batch_dice: bool = True) -> nn.Module:
     return DiceLoss(include_background=False, to_onehot_y=True, softmax=True, batch=batch_dice,
                     smooth_nr=smooth, smooth_dr=smooth)
 
@@ -55,19 +77,18 @@ class CrossEntropy(nn.CrossEntropyLoss):
 
 
 @register_loss("ce")
-def ce(**_) -> nn.Module:
+def ce() -> nn.Module:
     return CrossEntropy()
 
 
 @register_loss("focal")
-def focal(gamma: float = 2.0, **_) -> nn.Module:
+def focal(gamma: float = 2.0) -> nn.Module:
     # a cross-entropy-type term: background included, as the CE in dice_ce
     return FocalLoss(include_background=True, to_onehot_y=True, gamma=gamma, use_softmax=True)
 
 
 @register_loss("tversky")
-def tversky(alpha: float = 0.3, beta: float = 0.7, smooth: float = 1e-5, batch_dice: bool = True,
-            **_) -> nn.Module:
+def tversky(alpha: float = 0.3, beta: float = 0.7, smooth: float = 1e-5, batch_dice: bool = True) -> nn.Module:
     # alpha weighs false positives, beta false negatives: beta > alpha favours recall on small structures
     return TverskyLoss(include_background=False, to_onehot_y=True, softmax=True, alpha=alpha, beta=beta,
                        batch=batch_dice, smooth_nr=smooth, smooth_dr=smooth)
@@ -90,7 +111,7 @@ class DiceFocal(nn.Module):
 
 @register_loss("dice_focal")
 def dice_focal(lambda_dice: float = 1.0, lambda_focal: float = 1.0, gamma: float = 2.0, smooth: float = 1e-5,
-               batch_dice: bool = True, **_) -> nn.Module:
+               batch_dice: bool = True) -> nn.Module:
     return DiceFocal(dice(smooth=smooth, batch_dice=batch_dice), focal(gamma=gamma), lambda_dice, lambda_focal)
 
 

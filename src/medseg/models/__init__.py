@@ -1,6 +1,8 @@
-from medseg.models.registry import create_model, list_models, register_model
+from medseg.models.registry import (ModelSpec, adapt_patch_for_model, check_model_keys, create_model, list_models,
+                                    model_spec, register_model, register_preset)
 
 # importing the family modules registers their models
 from medseg.models import resenc_unet, transformer, umamba, unet, vilu_net  # noqa: F401,E402
 
-__all__ = ["create_model", "list_models", "register_model"]
+__all__ = ["ModelSpec", "adapt_patch_for_model", "check_model_keys", "create_model", "list_models", "model_spec",
+           "register_model", "register_preset"]

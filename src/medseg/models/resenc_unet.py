@@ -141,9 +141,9 @@ def _drop_unused_heads(module: ResEncUNet, state_dict: dict, prefix: str, *_) ->
             state_dict[f"{head}{k}.{param}"] = value
 
 
-@register_model("resenc_unet")
+@register_model("resenc_unet", default_optimizer="sgd", default_scheduler="poly")
 def build_resenc_unet(spatial_dims: int, in_channels: int, out_channels: int, plan: ConfigurationPlan | None = None,
-                      deep_supervision: bool = True, **_) -> nn.Module:
+                      deep_supervision: bool = True) -> nn.Module:
     if plan is None:
         raise ConfigError("model 'resenc_unet' is built from a plan's topology; pass plan=")
     blocks, decoder = residual_blocks(plan)

@@ -5,7 +5,10 @@ Both constrain the patch size: SwinUNETR downsamples five times by 2 (patch embe
 so every spatial size must be divisible by 32; UNETR cuts the input into 16-voxel ViT patches and fixes its
 position embedding (``img_size``) at construction, so the patch must be divisible by 16 and equal to the input
 size at every call. ``PATCH_MULTIPLE`` records the multiple per model, ``adapt_patch`` rounds a planned patch up
-to it (the training pipeline does this before building), and the factories refuse an incompatible plan.
+to it, and the factories refuse an incompatible plan. The registry holds each model's multiple in its spec
+(``medseg.models.registry.model_spec(name).patch_multiple``); training rounds the patch with
+``adapt_patch_for_model(name, patch)`` before building. ``unetr_small`` is a registered preset of UNETR with a
+ViT-Tiny-sized encoder (the model config unetr_small.yaml), a model of its own name.
 
 Deep supervision: MONAI's networks return only full-resolution logits, so 1x1 conv heads are added on the
 decoder's outputs at 1/2 and 1/4 resolution, captured with forward hooks on the decoder blocks (see
@@ -17,7 +20,6 @@ and eval are unaffected).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -25,7 +27,7 @@ import torch.nn as nn
 from monai.networks.nets import UNETR, SwinUNETR
 
 from medseg.errors import ConfigError
-from medseg.models.registry import register_model
+from medseg.models.registry import adapt_patch, model_spec, register_model, register_preset
 from medseg.planning.plan import ConfigurationPlan
 
 # every spatial size of the patch must be a multiple of this (SwinUNETR: 2**5; UNETR: its ViT patch, 16)
@@ -39,15 +41,12 @@ _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 
 
 def patch_multiple(name: str) -> int:
-    """The multiple every patch axis must be for model ``name`` (1 for models without a constraint)."""
-    return PATCH_MULTIPLE.get(name, 1)
-
-
-def adapt_patch(patch_size: Sequence[int], multiple: int) -> list[int]:
-    """Each axis of ``patch_size`` rounded up to a multiple of ``multiple`` (pure; the input is not modified)."""
-    if multiple < 1:
-        raise ValueError(f"multiple must be >= 1, got {multiple}")
-    return [max(1, math.ceil(int(n) / multiple)) * multiple for n in patch_size]
+    """The multiple every patch axis must be for model ``name`` (1 for models without a constraint), from its
+    registry spec (kept for callers of this module; ``adapt_patch`` is the registry's, re-exported here)."""
+    try:
+        return model_spec(name).patch_multiple
+    except ConfigError:  # not a registered model: no constraint known
+        return 1
 
 
 def check_patch(name: str, patch_size: Sequence[int]) -> None:
@@ -120,11 +119,12 @@ def _patch_from(name: str, spatial_dims: int, plan: ConfigurationPlan | None, re
     return patch
 
 
-@register_model("swin_unetr")
+@register_model("swin_unetr", patch_multiple=PATCH_MULTIPLE["swin_unetr"], default_optimizer="adamw",
+                default_scheduler="warmup_cosine")
 def build_swin_unetr(spatial_dims: int, in_channels: int, out_channels: int, plan: ConfigurationPlan | None = None,
                      deep_supervision: bool = True, feature_size: int = 48, depths: Sequence[int] = (2, 2, 2, 2),
                      num_heads: Sequence[int] = (3, 6, 12, 24), window_size: int = 7, use_v2: bool = False,
-                     dropout_path_rate: float = 0.0, use_checkpoint: bool = False, **_) -> nn.Module:
+                     dropout_path_rate: float = 0.0, use_checkpoint: bool = False) -> nn.Module:
     """MONAI's SwinUNETR (feature_size 48 by default, the paper's and MONAI's BTCV tutorial's; must be a multiple
     of 12). Works at any input size divisible by 32; with a plan, its patch is checked for that."""
     if spatial_dims not in (2, 3):
@@ -139,10 +139,11 @@ def build_swin_unetr(spatial_dims: int, in_channels: int, out_channels: int, pla
     return _DecoderTaps(net, spatial_dims, out_channels, _DS_TAPS["swin_unetr"], feature_size, deep_supervision)
 
 
-@register_model("unetr")
+@register_model("unetr", patch_multiple=PATCH_MULTIPLE["unetr"], default_optimizer="adamw",
+                default_scheduler="warmup_cosine")
 def build_unetr(spatial_dims: int, in_channels: int, out_channels: int, plan: ConfigurationPlan | None = None,
                 deep_supervision: bool = True, feature_size: int = 16, hidden_size: int = 768, mlp_dim: int = 3072,
-                num_heads: int = 12, dropout_rate: float = 0.0, **_) -> nn.Module:
+                num_heads: int = 12, dropout_rate: float = 0.0) -> nn.Module:
     """MONAI's UNETR (ViT-B: hidden 768, MLP 3072, 12 heads, 12 layers by default) with ``img_size`` = the plan's
     patch, which must be divisible by 16; the model then accepts inputs of exactly that size."""
     if spatial_dims not in (2, 3):
@@ -155,3 +156,10 @@ def build_unetr(spatial_dims: int, in_channels: int, out_channels: int, plan: Co
                 norm_name="instance", res_block=True, dropout_rate=dropout_rate, spatial_dims=spatial_dims)
     return _DecoderTaps(_without_unused_norms(net), spatial_dims, out_channels, _DS_TAPS["unetr"], feature_size,
                         deep_supervision)
+
+
+# UNETR with a ViT-Tiny-sized encoder (Touvron et al. 2021: width 192, 3 heads, MLP 768; 12 layers) and
+# feature_size 8: the transformer family at CPU-benchmark size (configs/model/unetr_small.yaml states the same
+# values, which checkpoints record)
+UNETR_SMALL = {"feature_size": 8, "hidden_size": 192, "mlp_dim": 768, "num_heads": 3}
+register_preset("unetr_small", "unetr", **UNETR_SMALL)

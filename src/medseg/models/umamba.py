@@ -175,14 +175,13 @@ def _build(variant: str, spatial_dims: int, in_channels: int, out_channels: int,
                   blocks, decoder, stages, deep_supervision)
 
 
-@register_model("umamba_bot")
+@register_model("umamba_bot", default_optimizer="adamw", default_scheduler="warmup_cosine")
 def build_umamba_bot(spatial_dims: int, in_channels: int, out_channels: int, plan: ConfigurationPlan | None = None,
-                     deep_supervision: bool = True, **_) -> nn.Module:
+                     deep_supervision: bool = True) -> nn.Module:
     return _build("bot", spatial_dims, in_channels, out_channels, plan, deep_supervision, 0)
 
 
-@register_model("umamba_enc")
+@register_model("umamba_enc", default_optimizer="adamw", default_scheduler="warmup_cosine")
 def build_umamba_enc(spatial_dims: int, in_channels: int, out_channels: int, plan: ConfigurationPlan | None = None,
-                     deep_supervision: bool = True, mamba_max_tokens: int = DEFAULT_MAX_TOKENS,
-                     **_) -> nn.Module:
+                     deep_supervision: bool = True, mamba_max_tokens: int = DEFAULT_MAX_TOKENS) -> nn.Module:
     return _build("enc", spatial_dims, in_channels, out_channels, plan, deep_supervision, mamba_max_tokens)

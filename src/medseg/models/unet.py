@@ -41,9 +41,9 @@ class DeepSupervisionUNet(nn.Module):
         return [out, *net.heads[: self.heads]]
 
 
-@register_model("unet")
+@register_model("unet", default_optimizer="sgd", default_scheduler="poly")
 def build_unet(spatial_dims: int, in_channels: int, out_channels: int, plan: ConfigurationPlan | None = None,
-               deep_supervision: bool = True, residual: bool = False, **_) -> nn.Module:
+               deep_supervision: bool = True, residual: bool = False) -> nn.Module:
     if plan is None:
         raise ConfigError("model 'unet' is built from a plan's topology; pass plan=")
     heads = num_deep_supervision_heads(plan.num_stages) if deep_supervision else 0

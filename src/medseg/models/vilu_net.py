@@ -76,10 +76,10 @@ class ViLUNet(ResEncUNet):
         return [m for m in self.vil.modules() if isinstance(m, mLSTMLayer)]
 
 
-@register_model("vilu_net")
+@register_model("vilu_net", default_optimizer="adamw", default_scheduler="warmup_cosine")
 def build_vilu_net(spatial_dims: int, in_channels: int, out_channels: int, plan: ConfigurationPlan | None = None,
                    deep_supervision: bool = True, chunk_size: int = 64, vil_max_tokens: int = 16384,
-                   vil_depth: int = 2, vil_heads: int = 4, **_) -> nn.Module:
+                   vil_depth: int = 2, vil_heads: int = 4) -> nn.Module:
     if plan is None:
         raise ConfigError("model 'vilu_net' is built from a plan's topology; pass plan=")
     blocks, decoder = residual_blocks(plan)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from medseg.config_keys import check_keys
 from medseg.errors import ConfigError
 from medseg.planning.fingerprint import DatasetFingerprint
 from medseg.planning.plan import ConfigurationPlan, Plan
@@ -83,9 +84,11 @@ class PlannerSettings:
 
     @classmethod
     def from_config(cls, cfg) -> "PlannerSettings":
+        """The settings of a planner config; a key that is not a setting is a ConfigError naming it."""
         known = set(cls.__dataclass_fields__)
-        d = {k: (list(v) if hasattr(v, "__iter__") and not isinstance(v, str) else v)
-             for k, v in dict(cfg).items() if k in known}
+        given = dict(cfg)
+        check_keys(given, known, "planner settings", "planner")
+        d = {k: (list(v) if hasattr(v, "__iter__") and not isinstance(v, str) else v) for k, v in given.items()}
         settings = cls(**d)
         if settings.preset not in PRESETS:
             raise ConfigError(f"planner.preset={settings.preset!r} is unknown; choose from {sorted(PRESETS)}")

@@ -45,9 +45,16 @@ def load_manifest(data_cfg: DictConfig, folder: Path) -> Manifest:
     return assign_folds(manifest, int(data.get("fold_seed", 12345)), previous)
 
 
-def prepare(cfg: DictConfig, configurations: list[str] | None = None, progress: bool = True) -> PreparedDataset:
-    folder = Path(cfg.paths.preprocessed) / str(cfg.data.name)
-    manifest = load_manifest(cfg.data, folder)
+def dataset_folder(cfg: DictConfig) -> Path:
+    """<paths.preprocessed>/<dataset>: the manifest, fingerprint, plans and caches of one dataset."""
+    return Path(cfg.paths.preprocessed) / str(cfg.data.name)
+
+
+def prepare(cfg: DictConfig, configurations: list[str] | None = None, progress: bool = True,
+            manifest: Manifest | None = None) -> PreparedDataset:
+    """``manifest``: one already loaded with ``load_manifest`` (from the same config)."""
+    folder = dataset_folder(cfg)
+    manifest = manifest if manifest is not None else load_manifest(cfg.data, folder)
     num_processes = int(cfg.get("num_processes", 2))
 
     fp_path = folder / "fingerprint.json"
@@ -61,7 +68,16 @@ def prepare(cfg: DictConfig, configurations: list[str] | None = None, progress: 
     settings = PlannerSettings.from_config(cfg.planner)
     plan = plan_dataset(fingerprint, manifest.channel_names, manifest.labels, settings)
     plan.save(folder / "plans.json")
+    prepared = PreparedDataset(manifest, fingerprint, plan, folder)
     for name in configurations or []:
-        config = plan.configuration(name)
-        preprocess_dataset(manifest, plan, config, folder / config.data_identifier, num_processes, progress)
-    return PreparedDataset(manifest, fingerprint, plan, folder)
+        preprocess(prepared, name, num_processes, progress)
+    return prepared
+
+
+def preprocess(prepared: PreparedDataset, configuration: str, num_processes: int = 2,
+               progress: bool = True) -> PreprocessedCache:
+    """The configuration's preprocessed cache, made where missing or stale."""
+    config = prepared.plan.configuration(configuration)
+    preprocess_dataset(prepared.manifest, prepared.plan, config, prepared.folder / config.data_identifier,
+                       num_processes, progress)
+    return prepared.cache(configuration)

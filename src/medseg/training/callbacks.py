@@ -34,6 +34,14 @@ def format_duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def format_rate(iterations: int, seconds: float) -> str:
+    """Iterations per second, or seconds per iteration when slower than one a second ("0.0 it/s" says nothing)."""
+    if iterations <= 0 or seconds <= 0:
+        return "n/a it/s"
+    rate = iterations / seconds
+    return f"{rate:.1f} it/s" if rate >= 1 else f"{seconds / iterations:.1f} s/it"
+
+
 class EpochSummary(Callback):
     """One log line per epoch: metrics, epoch and training-only time, iterations/s and the fold's ETA.
 
@@ -98,7 +106,7 @@ class EpochSummary(Callback):
         # that is infinite (iterable datasets) or an epoch is cut short
         timing = f"train {train_s:.1f} s"
         if self._batches and train_s > 0:
-            timing += f", {self._batches / train_s:.1f} it/s, waiting for data {self._wait:.1f} s"
+            timing += f", {format_rate(self._batches, train_s)}, waiting for data {self._wait:.1f} s"
         parts.append(f"{epoch_s:.1f} s ({timing})")
         if max_epochs:
             # the mean over the epochs this trainer has run, validation included: a resumed fold restarts it
@@ -243,6 +251,17 @@ class ImageOverlays(Callback):
 
 # ---- progress output and assembly ------------------------------------------------------------------------
 
+class EpochProgressBar(TQDMProgressBar):
+    """Lightning's bar, with the epoch counted as the log lines count it: "Epoch 1/6" for the first of six
+    (Lightning's own bar says "Epoch 0")."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs > 0 else None
+        epoch = trainer.current_epoch + 1
+        self.train_progress_bar.set_description(f"Epoch {epoch}/{max_epochs}" if max_epochs else f"Epoch {epoch}")
+
+
 def progress_callbacks(mode: str) -> tuple[list[Callback], bool]:
     """Progress callbacks and the Trainer's enable_progress_bar for mode "auto" | "bar" | "plain".
 
@@ -254,7 +273,7 @@ def progress_callbacks(mode: str) -> tuple[list[Callback], bool]:
         interactive = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
         mode = "bar" if interactive and "SLURM_JOB_ID" not in os.environ else "plain"
     if mode == "bar":
-        return [TQDMProgressBar(refresh_rate=BAR_REFRESH_RATE)], True
+        return [EpochProgressBar(refresh_rate=BAR_REFRESH_RATE)], True
     return [], False
 
 

@@ -1,4 +1,5 @@
-"""Train one fold: prepare data, build everything from the config, fit, validate on full volumes."""
+"""Train one fold, in named steps: check the config, set the run up (data, plan, model, loss, the resolved run
+record), decide the fold's state, preprocess, fit, validate on the held-out cases."""
 
 from __future__ import annotations
 
@@ -8,86 +9,40 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
-import torch
+import torch.nn as nn
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from medseg import layout
 from medseg.atomic import write_json
 from medseg.checkpoint import load_weights_only
-from medseg.loading.augmentation import nnunet_settings
-from medseg.loading.datamodule import VALIDATION_MODES, SegmentationDataModule
 from medseg.errors import CheckpointError, ConfigError, TrainingInterrupted
 from medseg.inference.predictor import Predictor, load_checkpoint
+from medseg.loading.datamodule import SegmentationDataModule
+from medseg.loading.augmentation import AugmentationSettings
 from medseg.locking import exclusive
 from medseg.losses import create_loss
 from medseg.losses.registry import with_deep_supervision
-from medseg.models import create_model
+from medseg.models import adapt_patch_for_model, create_model, model_spec
 from medseg.models.summary import summarize_model
-from medseg.models.transformer import adapt_patch, patch_multiple
-from medseg.precision import cuda_capability, deterministic_setting, training_precision
-from medseg.preprocessing.prepare import prepare
+from medseg.planning.plan import ConfigurationPlan, Plan
+from medseg.preprocessing.prepare import PreparedDataset, dataset_folder, load_manifest, prepare, preprocess
+from medseg.record import RunRecord
 from medseg.training.callbacks import build_callbacks
 from medseg.training.checkpoint_io import AtomicCheckpointIO
 from medseg.training.guards import FiniteGuard
 from medseg.training.module import SegmentationModule, channels_last_format
+from medseg.training.settings import augmentation_settings, check_config, parse_fold, resolve_run, trainer_kwargs
 from medseg.training.timing import fit_timing, reset_peak_memory
 from medseg.training.validation import validate_fold
 
 log = logging.getLogger(__name__)
-# the cascade's fullres stage needs the low-resolution stage's predictions as input
-TRAINABLE = {"2d", "3d_fullres", "3d_lowres"}
-
-
-def _on_gpu(cfg: DictConfig) -> bool:
-    return torch.cuda.is_available() and cfg.trainer.get("accelerator") in ("auto", "gpu", "cuda")
-
-
-def _trainer_kwargs(cfg: DictConfig) -> dict:
-    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    if kwargs.get("precision") is None:
-        on_gpu = _on_gpu(cfg)
-        kwargs["precision"] = training_precision("cuda" if on_gpu else "cpu", cuda_capability() if on_gpu else None)
-    kwargs["deterministic"] = deterministic_setting(kwargs.get("deterministic"))
-    if kwargs["deterministic"]:
-        kwargs["benchmark"] = False  # cuDNN autotuning picks algorithms by timing, which is not reproducible
-    # batches are drawn per process (each rank its share of the plan's batch, every rank all iterations):
-    # Lightning's DistributedSampler would instead split the iterations and pad the validation cases
-    kwargs["use_distributed_sampler"] = False
-    return kwargs
-
-
-def _num_workers(cfg: DictConfig) -> int:
-    """null: none on CPU (the cores are busy training), up to 12 loader processes beside a GPU."""
-    if cfg.sampling.num_workers is not None:
-        return int(cfg.sampling.num_workers)
-    # the CPUs this process may use (a SLURM allocation), not all of the node's
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(12, max(0, cpus - 2)) if _on_gpu(cfg) else 0
-
-
-def augmentation_settings(cfg: DictConfig, patch_size):
-    """The config's augmentation (None when disabled) and whether it runs on the training device."""
-    aug = cfg.get("augmentation")
-    if aug is None or not aug.enabled:
-        return None, False
-    overrides = {k: tuple(v) if isinstance(v, list) else v
-                 for k, v in OmegaConf.to_container(aug, resolve=True).items() if k not in ("enabled", "run_on")}
-    settings = nnunet_settings(list(patch_size), **overrides)
-    run_on = aug.get("run_on", "auto")
-    if run_on not in ("auto", "device", "loader"):
-        raise ConfigError(f"augmentation.run_on={run_on!r}: expected auto, device or loader")
-    return settings, run_on == "device" or (run_on == "auto" and _on_gpu(cfg))
-
-
-def _mirror_axes(value, augmentation, spatial_dims: int):
-    if value == "all":
-        return augmentation.mirror_axes if augmentation is not None else tuple(range(spatial_dims))
-    return tuple(value) if value else None
 
 
 def _is_first_process() -> bool:
@@ -99,13 +54,75 @@ def _is_first_process() -> bool:
     return True
 
 
-def _trained_epochs(metrics: dict) -> int | None:
-    return metrics.get("epochs")
+def train_fold(cfg: DictConfig) -> dict:
+    """Train one fold; a second run on the same fold folder is refused while this one runs (DDP's extra
+    processes re-run this job under the first one's lock, so they take none)."""
+    check_config(cfg)  # before anything is read or written
+    fold = parse_fold(cfg.fold)
+    setup = set_up_run(cfg, fold)  # writes nothing into the run folder
+    run_dir = Path(cfg.run_dir)
+    fold_dir = layout.fold_dir(run_dir, fold)
+    lock = (exclusive(layout.fold_lock(run_dir, fold), fold_dir, "training run")
+            if _is_first_process() else contextlib.nullcontext())
+    with lock:
+        return _train_fold(cfg, setup, fold_dir)
 
+
+# ---- 1. the run: data, plan, model, loss and the resolved record -------------------------------------------
+
+@dataclass
+class RunSetup:
+    prepared: PreparedDataset
+    config: ConfigurationPlan  # adapted to the model
+    train_ids: list[str]
+    val_ids: list[str]
+    model: nn.Module
+    loss: nn.Module
+    augmentation: AugmentationSettings | None
+    record: RunRecord
+
+    @property
+    def plan(self) -> Plan:
+        return self.prepared.plan
+
+
+def _adapt_patch_to_model(plan: Plan, config: ConfigurationPlan, model_name: str) -> ConfigurationPlan:
+    """Models with input constraints (SwinUNETR: multiples of 32) get the planned patch rounded up; the change
+    is recorded in the plan that the run and its checkpoints carry."""
+    adapted = adapt_patch_for_model(model_name, config.patch_size)
+    multiple = model_spec(model_name).patch_multiple
+    if list(adapted) == list(config.patch_size):
+        return config
+    config = dataclasses.replace(config, patch_size=adapted)
+    plan.explanations.append(f"{config.name} patch: rounded up to multiples of {multiple} for model {model_name} "
+                             f"-> {adapted}")
+    plan.overridden.append(f"{config.name}.patch_size (model {model_name})")
+    plan.configurations[config.name] = config
+    return config
+
+
+def set_up_run(cfg: DictConfig, fold: int | str) -> RunSetup:
+    """Manifest, fold split, plan (fingerprinting if needed, no preprocessing yet), model and loss built (so a
+    bad model or loss setting fails before the data is preprocessed) and the run record."""
+    manifest = load_manifest(cfg.data, dataset_folder(cfg))
+    train_ids, val_ids = manifest.split(fold)  # an impossible fold fails before the data is fingerprinted
+    prepared = prepare(cfg, [], manifest=manifest)
+    plan = prepared.plan
+    L.seed_everything(int(cfg.seed), workers=True)
+    config = _adapt_patch_to_model(plan, plan.configuration(cfg.configuration), str(cfg.model.name))
+    record = resolve_run(cfg, plan, config, fold, len(train_ids), len(val_ids))
+    model = create_model(record.model.name, config.spatial_dims, manifest.num_channels, manifest.num_classes,
+                         plan=config, **record.model.kwargs)
+    loss = with_deep_supervision(create_loss(record.loss.name, **record.loss.kwargs), getattr(model, "heads", 0) + 1)
+    augmentation, _ = augmentation_settings(cfg, config.patch_size)
+    return RunSetup(prepared, config, train_ids, val_ids, model, loss, augmentation, record)
+
+
+# ---- 2. the fold's state: finished, extendable, resumable, or new ----------------------------------------
 
 def _set_aside_validation(fold_dir: Path, epochs: int) -> None:
     """Extending a finished fold keeps the earlier fold's results under names carrying its epoch count."""
-    for name in ("metrics.json", "validation"):
+    for name in (layout.METRICS, layout.VALIDATION):
         path = fold_dir / name
         if path.exists():
             path.rename(fold_dir / f"{path.stem}.epochs{epochs}{path.suffix}")
@@ -119,19 +136,120 @@ def _set_aside(fold_dir: Path) -> None:
         log.warning("moved the previous %s to %s", fold_dir, target)
 
 
-def _adapt_patch_to_model(plan, config, model_name: str):
-    """Models with input constraints (SwinUNETR: multiples of 32) get the planned patch rounded up; the change
-    is recorded in the plan that the run and its checkpoints carry."""
-    multiple = patch_multiple(model_name)
-    adapted = adapt_patch(config.patch_size, multiple)
-    if adapted == config.patch_size:
-        return config
-    config = dataclasses.replace(config, patch_size=adapted)
-    plan.explanations.append(f"{config.name} patch: rounded up to multiples of {multiple} for model {model_name} "
-                             f"-> {adapted}")
-    plan.overridden.append(f"{config.name}.patch_size (model {model_name})")
-    plan.configurations[config.name] = config
-    return config
+def _previous_record(fold_dir: Path) -> RunRecord | None:
+    path = fold_dir / layout.RUN_RECORD
+    return RunRecord.load(path) if path.is_file() else None
+
+
+def _refuse_other_settings(fold_dir: Path, previous: RunRecord | None, record: RunRecord, what: str) -> None:
+    differences = previous.differences(record) if previous is not None else []
+    if differences:
+        listed = "\n  ".join(differences)
+        raise ConfigError(f"{fold_dir} {what} with other settings (trained -> now):\n  {listed}\n"
+                          "overwrite=true trains it again (the old folder is kept, renamed), or choose another "
+                          "experiment_name")
+
+
+def fold_state(cfg: DictConfig, fold_dir: Path, record: RunRecord) -> dict | None:
+    """The finished fold's metrics when there is nothing to do; else None, with earlier results set aside as
+    overwrite/extend say. A finished or half-trained fold is never reused with settings it was not trained with."""
+    metrics_path = fold_dir / layout.METRICS
+    if cfg.overwrite:
+        if _is_first_process():
+            _set_aside(fold_dir)
+        return None
+    previous = _previous_record(fold_dir)
+    max_epochs = record.max_epochs
+    if metrics_path.is_file():
+        _refuse_other_settings(fold_dir, previous, record, "was trained")
+        finished = json.loads(metrics_path.read_text())
+        epochs = finished.get("epochs")
+        if epochs is None or max_epochs == epochs:
+            log.info("%s is finished with these settings; nothing to do (results: %s)", fold_dir, metrics_path)
+            return finished
+        if max_epochs < epochs:
+            raise ConfigError(f"{fold_dir} was trained for {epochs} epochs, now trainer.max_epochs={max_epochs}; "
+                              "overwrite=true trains it again (the old folder is kept, renamed)")
+        if not cfg.get("extend"):
+            raise ConfigError(f"{fold_dir} was trained for {epochs} epochs, now trainer.max_epochs={max_epochs}; "
+                              f"extend=true continues it to {max_epochs} epochs, overwrite=true trains it again")
+        log.info("extending %s from %d to %d epochs", fold_dir, epochs, max_epochs)
+        if _is_first_process():
+            _set_aside_validation(fold_dir, epochs)
+        return None
+    last = layout.checkpoint(fold_dir)
+    if cfg.resume and last.is_file():
+        _refuse_other_settings(fold_dir, previous, record, "was partly trained (resume=true)")
+        # a damaged or foreign last.ckpt is refused now, before preprocessing; nothing is moved or deleted
+        try:
+            load_weights_only(last, mmap=True)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}; to train the fold again, move {last.name} aside (overwrite=true sets "
+                                  "the whole fold folder aside)") from None
+    return None
+
+
+# ---- 3. module, data and trainer -------------------------------------------------------------------------
+
+def build_module(cfg: DictConfig, setup: RunSetup) -> SegmentationModule:
+    record, config = setup.record, setup.config
+    extras = {"plan": setup.plan.to_dict(), "configuration": config.name, "fold": record.fold,
+              "model": {"name": record.model.name, "kwargs": record.model.kwargs}, "precision": record.precision}
+    channels_last = bool(cfg.get("channels_last", False))
+    if channels_last:
+        # weights and batches in channels-last layout: oneDNN/cuDNN convolutions without layout conversions
+        setup.model.to(memory_format=channels_last_format(config.spatial_dims + 2))
+    return SegmentationModule(setup.model, setup.loss, setup.prepared.manifest.num_classes, config.patch_size,
+                              instantiate(cfg.optimizer), instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+                              extras, val_overlap=float(record.validation["overlap"]), channels_last=channels_last)
+
+
+def build_datamodule(setup: RunSetup) -> SegmentationDataModule:
+    record, config = setup.record, setup.config
+    val = record.validation
+    return SegmentationDataModule(setup.prepared.cache(config.name), setup.train_ids, setup.val_ids, config.patch_size,
+                                  record.batch_size, record.iterations_per_epoch, record.oversample_foreground,
+                                  record.num_workers, val.get("max_cases_per_epoch"), setup.augmentation,
+                                  record.augment_on_device, validation_mode=str(val["mode"]),
+                                  val_iterations=int(val["iterations"]), seed=record.seed,
+                                  num_channels=setup.prepared.manifest.num_channels)
+
+
+def build_trainer(cfg: DictConfig, fold_dir: Path, holds_out: bool) -> L.Trainer:
+    ckpt_dir = fold_dir / layout.CHECKPOINTS
+    # "last" every epoch; "best" (by the per-epoch pseudo-Dice) only where there are held-out cases. Two callbacks:
+    # Lightning's save_last only copies when a top-k checkpoint is written, so a run whose score stopped
+    # improving would otherwise resume from (and validate) an old epoch
+    latest = ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
+                             enable_version_counter=False)
+    checkpoints = [latest]
+    if holds_out:
+        best_kwargs = OmegaConf.to_container(cfg.callbacks.checkpoint, resolve=True)
+        assert isinstance(best_kwargs, dict)
+        best_kwargs.pop("save_last", None)
+        checkpoints.insert(0, ModelCheckpoint(dirpath=ckpt_dir, filename="best", auto_insert_metric_name=False,
+                                              enable_version_counter=False, save_top_k=1, **best_kwargs))
+    callbacks, progress_bar = build_callbacks(cfg.callbacks)
+    guard = FiniteGuard(layout.checkpoint(fold_dir))
+    kwargs = trainer_kwargs(cfg)
+    if not holds_out:
+        kwargs["limit_val_batches"] = 0  # fold "all": nothing to validate on
+    if kwargs["deterministic"]:
+        log.info("deterministic algorithms on: ops without a deterministic implementation on this device warn "
+                 "instead of stopping the run")
+    return L.Trainer(logger=instantiate(cfg.logger), callbacks=[guard, *checkpoints, *callbacks],
+                     enable_progress_bar=progress_bar, default_root_dir=str(fold_dir),
+                     plugins=[AtomicCheckpointIO()], **kwargs)
+
+
+def _write_run_files(cfg: DictConfig, setup: RunSetup, fold_dir: Path) -> None:
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarize_model(setup.model, setup.config.patch_size, setup.prepared.manifest.num_channels)
+    log.info("model %s: %s", setup.record.model.name, summary)
+    write_json(fold_dir / layout.MODEL_SUMMARY, summary.to_dict())
+    OmegaConf.save(cfg, fold_dir / layout.CONFIG, resolve=True)
+    setup.plan.save(fold_dir / layout.PLAN)
+    setup.record.save(fold_dir / layout.RUN_RECORD)
 
 
 def _interrupted_message(trainer: L.Trainer, last: Path) -> str:
@@ -140,115 +258,33 @@ def _interrupted_message(trainer: L.Trainer, last: Path) -> str:
             f"{trainer.current_epoch + 1}/{trainer.max_epochs}; {kept}; run the same command again to resume")
 
 
-def train_fold(cfg: DictConfig) -> dict:
-    """Train one fold; a second run on the same fold folder is refused while this one runs (DDP's extra
-    processes re-run this job under the first one's lock, so they take none)."""
-    fold = int(cfg.fold)
-    run_dir = Path(cfg.run_dir)
-    lock = (exclusive(run_dir / f".fold_{fold}.lock", run_dir / f"fold_{fold}", "training run")
-            if _is_first_process() else contextlib.nullcontext())
-    with lock:
-        return _train_fold(cfg)
+# ---- 4. all steps ------------------------------------------------------------------------------------------
 
-
-def _train_fold(cfg: DictConfig) -> dict:
-    if cfg.validation.mode not in VALIDATION_MODES:  # before anything is moved aside or prepared
-        raise ConfigError(f"validation.mode={cfg.validation.mode!r}: expected one of {list(VALIDATION_MODES)}")
-    fold = int(cfg.fold)
-    fold_dir = Path(cfg.run_dir) / f"fold_{fold}"
-    metrics_path = fold_dir / "metrics.json"
-    max_epochs = int(cfg.trainer.max_epochs)
-    if metrics_path.is_file() and not cfg.overwrite:
-        finished = json.loads(metrics_path.read_text())
-        epochs = _trained_epochs(finished)
-        if not (cfg.get("extend") and epochs is not None and max_epochs > epochs):
-            hint = (f"; extend=true continues it to {max_epochs} epochs" if epochs is not None and max_epochs > epochs
-                    else "")
-            log.info("%s is finished (metrics.json exists); nothing to do (overwrite=true retrains%s)", fold_dir, hint)
-            return finished
-        log.info("extending %s from %d to %d epochs", fold_dir, epochs, max_epochs)
-        if _is_first_process():
-            _set_aside_validation(fold_dir, epochs)
-    if cfg.overwrite and _is_first_process():
-        _set_aside(fold_dir)
-    last = fold_dir / "checkpoints" / "last.ckpt"
-    if cfg.resume and last.is_file():
-        # a damaged or foreign last.ckpt is refused now, before preparing data; nothing is moved or deleted
-        try:
-            load_weights_only(last, mmap=True)
-        except CheckpointError as e:
-            raise CheckpointError(f"{e}; to train the fold again, move {last.name} aside (overwrite=true sets "
-                                  "the whole fold folder aside)") from None
-
-    if cfg.configuration not in TRAINABLE:
-        raise ConfigError(f"configuration={cfg.configuration} cannot be trained yet; trainable: {sorted(TRAINABLE)}")
-    prepared = prepare(cfg, [cfg.configuration])
-    plan, manifest = prepared.plan, prepared.manifest
-    config = plan.configuration(cfg.configuration)
-    train_ids, val_ids = manifest.split(fold)
-    L.seed_everything(int(cfg.seed), workers=True)
-
-    config = _adapt_patch_to_model(plan, config, str(cfg.model.name))
-    model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
-    model = create_model(cfg.model.name, config.spatial_dims, manifest.num_channels, manifest.num_classes,
-                         plan=config, **model_kwargs)
-    loss_kwargs = OmegaConf.to_container(cfg.loss, resolve=True)
-    if loss_kwargs.get("batch_dice", False) is None:
-        loss_kwargs["batch_dice"] = config.batch_dice
-    heads = getattr(model, "heads", 0)
-    loss = with_deep_supervision(create_loss(loss_kwargs.pop("name"), **loss_kwargs), heads + 1)
-    extras = {"plan": plan.to_dict(), "configuration": config.name, "fold": fold,
-              "model": {"name": str(cfg.model.name), "kwargs": model_kwargs}}
-    channels_last = bool(cfg.get("channels_last", False))
-    if channels_last:
-        # weights and batches in channels-last layout: oneDNN/cuDNN convolutions without layout conversions
-        model.to(memory_format=channels_last_format(config.spatial_dims + 2))
-    module = SegmentationModule(model, loss, manifest.num_classes, config.patch_size, instantiate(cfg.optimizer),
-                                instantiate(cfg.scheduler) if cfg.get("scheduler") else None, extras,
-                                val_overlap=float(cfg.validation.overlap), channels_last=channels_last)
-    batch_size = int(cfg.sampling.batch_size or config.batch_size)
-    augmentation, augment_on_device = augmentation_settings(cfg, config.patch_size)
-    datamodule = SegmentationDataModule(prepared.cache(config.name), train_ids, val_ids, config.patch_size,
-                                        batch_size, cfg.sampling.iterations_per_epoch,
-                                        cfg.sampling.oversample_foreground, _num_workers(cfg),
-                                        cfg.validation.max_cases_per_epoch, augmentation, augment_on_device,
-                                        validation_mode=str(cfg.validation.mode),
-                                        val_iterations=int(cfg.validation.iterations), seed=int(cfg.seed),
-                                        num_channels=manifest.num_channels)
-
-    fold_dir.mkdir(parents=True, exist_ok=True)
-    summary = summarize_model(model, config.patch_size, manifest.num_channels)
-    log.info("model %s: %s", cfg.model.name, summary)
-    write_json(fold_dir / "model_summary.json", summary.to_dict())
+def _train_fold(cfg: DictConfig, setup: RunSetup, fold_dir: Path) -> dict:
+    fold = setup.record.fold
+    finished = fold_state(cfg, fold_dir, setup.record)
+    if finished is not None:
+        return finished
+    preprocess(setup.prepared, setup.config.name, int(cfg.get("num_processes", 2)))
+    module = build_module(cfg, setup)
+    datamodule = build_datamodule(setup)
+    _write_run_files(cfg, setup, fold_dir)
     if cfg.get("compile"):
-        model.compile()  # in place: parameter names, and so checkpoints, stay those of the plain model
-    OmegaConf.save(cfg, fold_dir / "config.yaml", resolve=True)
-    plan.save(fold_dir / "plan.json")
-    ckpt_dir = fold_dir / "checkpoints"
-    best_kwargs = OmegaConf.to_container(cfg.callbacks.checkpoint, resolve=True)
-    best_kwargs.pop("save_last", None)
-    # two callbacks: Lightning's save_last only copies when a top-k checkpoint is written, so a run whose
-    # score stopped improving would otherwise resume from (and validate) an old epoch
-    best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", auto_insert_metric_name=False,
-                           enable_version_counter=False, save_top_k=1, **best_kwargs)
-    latest = ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
-                             enable_version_counter=False)
-    callbacks, progress_bar = build_callbacks(cfg.callbacks)
-    guard = FiniteGuard(ckpt_dir / "last.ckpt")
-    trainer_kwargs = _trainer_kwargs(cfg)
-    if trainer_kwargs["deterministic"]:
-        log.info("deterministic algorithms on: ops without a deterministic implementation on this device warn "
-                 "instead of stopping the run")
-    trainer = L.Trainer(logger=instantiate(cfg.logger), callbacks=[guard, best, latest, *callbacks],
-                        enable_progress_bar=progress_bar, default_root_dir=str(fold_dir),
-                        plugins=[AtomicCheckpointIO()], **trainer_kwargs)
-    # checkpoints say how the network was trained: prediction runs it the same way where that is safe
-    extras["precision"] = str(trainer.precision)
+        setup.model.compile()  # in place: parameter names, and so checkpoints, stay those of the plain model
+    holds_out = bool(setup.val_ids)
+    trainer = build_trainer(cfg, fold_dir, holds_out)
+    # checkpoints say how the network was trained (Lightning's spelling): prediction runs it the same way
+    module.checkpoint_extras["precision"] = str(trainer.precision)
+    last = layout.checkpoint(fold_dir)
     resume_from = str(last) if cfg.resume and last.is_file() else None
     if resume_from:
         log.info("resuming from %s", resume_from)
-    log.info("fold %d: %d training / %d validation cases, patch %s, batch %d", fold, len(train_ids),
-             len(val_ids), config.patch_size, batch_size)
+    if holds_out:
+        log.info("fold %s: %d training / %d validation cases, patch %s, batch %d", fold, len(setup.train_ids),
+                 len(setup.val_ids), setup.config.patch_size, setup.record.batch_size)
+    else:
+        log.info("fold all: training on all %d cases, none held out (no validation score), patch %s, batch %d",
+                 len(setup.train_ids), setup.config.patch_size, setup.record.batch_size)
     reset_peak_memory()
     fit_start = time.perf_counter()
     try:
@@ -256,22 +292,37 @@ def _train_fold(cfg: DictConfig) -> dict:
     except SIGTERMException:
         raise TrainingInterrupted(_interrupted_message(trainer, last)) from None
     fit_s = time.perf_counter() - fit_start
-
-    if not cfg.validation.final or not trainer.is_global_zero:
+    if not trainer.is_global_zero:
         return {}
-    # the final weights by default, as nnU-Net: "best" is chosen on these same held-out cases, so scoring it
-    # on them again would flatter the cross-validation result
-    chosen = ckpt_dir / f"{cfg.validation.checkpoint}.ckpt"
     # the device the run trained on: Lightning's teardown has moved the module itself back to the CPU
     device = trainer.strategy.root_device
-    timing = fit_timing(trainer, device, fit_s, int(cfg.sampling.iterations_per_epoch))
-    trained = load_checkpoint(chosen if chosen.is_file() else last, device)
-    predictor = Predictor([trained], overlap=float(cfg.validation.overlap),
-                          mirror_axes=_mirror_axes(cfg.validation.mirror_axes, augmentation, config.spatial_dims),
-                          device=device)
-    metrics = validate_fold(predictor, manifest, val_ids, fold_dir, fold,
+    timing = fit_timing(trainer, device, fit_s, setup.record.iterations_per_epoch)
+    if not holds_out:
+        metrics = {"fold": fold, "epochs": trainer.current_epoch, "checkpoint": str(last), "num_cases": 0,
+                   "held_out": 0, "timing": timing}
+        write_json(fold_dir / layout.METRICS, metrics)
+        return metrics
+    if not cfg.validation.final:
+        return {}
+    return final_validation(setup, fold_dir, trainer, timing)
+
+
+# ---- 5. final validation -----------------------------------------------------------------------------------
+
+def final_validation(setup: RunSetup, fold_dir: Path, trainer: L.Trainer, timing: dict) -> dict:
+    """The held-out cases predicted from their original files as medseg-predict would, scored, metrics.json
+    written; an interrupted validation continues with the cases not yet scored."""
+    record = setup.record
+    # the final weights by default, as nnU-Net: "best" is chosen on these same held-out cases, so scoring it
+    # on them again would flatter the cross-validation result
+    chosen = layout.checkpoint(fold_dir, str(record.validation["checkpoint"]))
+    device = trainer.strategy.root_device
+    trained = load_checkpoint(chosen if chosen.is_file() else layout.checkpoint(fold_dir), device)
+    axes = record.validation.get("mirror_axes")
+    predictor = Predictor([trained], overlap=float(record.validation["overlap"]),
+                          mirror_axes=tuple(axes) if axes else None, device=device)
+    metrics = validate_fold(predictor, setup.prepared.manifest, setup.val_ids, fold_dir, record.fold,
                             extra={"epochs": trainer.current_epoch, "checkpoint": trained.source, "timing": timing,
-                                   "precision": {"training": extras["precision"],
-                                                 "validation": predictor.precision}})
-    log.info("fold %d validation: mean Dice %.4f %s", fold, metrics["dice_mean"], metrics["dice"])
+                                   "precision": {"training": record.precision, "validation": predictor.precision}})
+    log.info("fold %s validation: mean Dice %.4f %s", record.fold, metrics["dice_mean"], metrics["dice"])
     return metrics

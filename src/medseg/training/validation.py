@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -11,37 +13,92 @@ from tqdm import tqdm
 
 from medseg.datasets.io import read_image, read_label, write_label
 from medseg.datasets.manifest import Manifest
-from medseg.atomic import write_json
+from medseg.atomic import dumps_json, number, write_json
 from medseg.evaluation.metrics import DEFAULT_TOLERANCE_MM, case_metrics, summarize, write_case_csv
 from medseg.evaluation.postprocessing import CANDIDATES_FILE, candidate_rows
 from medseg.inference.predictor import Predictor
+from medseg.layout import METRICS, PER_CASE, VALIDATION
 
 log = logging.getLogger(__name__)
+JOURNAL = "progress.jsonl"  # in validation/: one line per scored case, removed once metrics.json is written
+
+
+def _checkpoint_identity(source: str) -> str:
+    """Which weights the journal's cases were predicted with: a journal of other weights is not continued."""
+    try:
+        st = os.stat(source)
+        return f"{source}|{st.st_size}|{st.st_mtime_ns}"
+    except OSError:
+        return str(source)
+
+
+def _nulls_to_nan(row: dict) -> dict:
+    return {k: number(v) if v is None else v for k, v in row.items()}
+
+
+def _read_journal(path: Path, identity: str, out_dir: Path) -> dict[str, dict]:
+    """case id -> {"row", "candidates", "seconds"} of the cases already scored with these weights (and whose
+    exported prediction is still there); a journal of other weights or an unreadable one starts over."""
+    if not path.is_file():
+        return {}
+    done: dict[str, dict] = {}
+    with open(path) as f:
+        lines = f.read().splitlines()
+    try:
+        if not lines or json.loads(lines[0]).get("checkpoint") != identity:
+            return {}
+        for line in lines[1:]:
+            entry = json.loads(line)  # a line cut short by the interruption ends the journal
+            if (out_dir / f"{entry['row']['case_id']}.nii.gz").is_file():
+                done[entry["row"]["case_id"]] = entry
+    except (ValueError, KeyError, TypeError):
+        pass
+    return done
 
 
 def validate_fold(predictor: Predictor, manifest: Manifest, case_ids: list[str], fold_dir: Path,
-                  fold: int, progress: bool = True, extra: dict | None = None) -> dict:
-    """Writes fold_dir/validation/<case>.nii.gz, validation/per_case.csv and metrics.json; returns metrics."""
+                  fold: int | str, progress: bool = True, extra: dict | None = None) -> dict:
+    """Writes fold_dir/validation/<case>.nii.gz, validation/per_case.csv and metrics.json; returns metrics.
+    Each scored case is journaled, so an interrupted validation continues where it stopped."""
     names = {c: n for c, n in manifest.labels.items() if c != 0}
+    out_dir = fold_dir / VALIDATION
+    out_dir.mkdir(parents=True, exist_ok=True)
+    journal = out_dir / JOURNAL
+    identity = ";".join(_checkpoint_identity(str(m.source)) for m in getattr(predictor, "models", []))
+    done = _read_journal(journal, identity, out_dir)
+    if done:
+        log.info("validation of fold %s continues: %d of %d cases were scored before", fold, len(done), len(case_ids))
+    with open(journal, "w") as f:  # rewritten: only the entries still valid, then the new ones
+        f.write(dumps_json({"checkpoint": identity}) + "\n")
+        for entry in done.values():
+            f.write(dumps_json(entry) + "\n")
     rows = []
     candidates = []  # Dice with and without keep-largest-component, for medseg-postprocess
     predict_s = []  # per case: preprocessing, sliding window (mirroring included), back to input geometry; no file I/O
     for case_id in tqdm(case_ids, desc=f"validate fold {fold}", disable=not progress):
+        if case_id in done:
+            rows.append(_nulls_to_nan(done[case_id]["row"]))
+            candidates.append(_nulls_to_nan(done[case_id]["candidates"]))
+            predict_s.append(done[case_id]["seconds"])
+            continue
         case = manifest.case(case_id)
         image, geometry = read_image(case.images)
         reference, _ = read_label(case.label)
         start = time.perf_counter()
         pred = predictor.predict_label(image, geometry.spacing)
         predict_s.append(time.perf_counter() - start)
-        write_label(pred, geometry, fold_dir / "validation" / f"{case_id}.nii.gz")
+        write_label(pred, geometry, out_dir / f"{case_id}.nii.gz")
         scores = case_metrics(pred, reference, dict(sorted(names.items())), geometry.spacing)
         rows.append({"case_id": case_id, "fold": fold, **scores})
         candidates.append(candidate_rows(case_id, pred, reference, manifest.labels))
-    write_case_csv(rows, fold_dir / "validation" / "per_case.csv")
-    write_case_csv(candidates, fold_dir / "validation" / CANDIDATES_FILE)
+        with open(journal, "a") as f:
+            f.write(dumps_json({"row": rows[-1], "candidates": candidates[-1], "seconds": predict_s[-1]}) + "\n")
+    write_case_csv(rows, out_dir / PER_CASE)
+    write_case_csv(candidates, out_dir / CANDIDATES_FILE)
     metrics = {"fold": fold, **(extra or {}), **summarize(rows, names), "nsd_tolerance_mm": DEFAULT_TOLERANCE_MM}
     metrics["timing"] = {**metrics.get("timing", {}),
                          "inference_s_per_case": float(np.mean(predict_s)) if predict_s else None,
                          "inference_s_median": float(np.median(predict_s)) if predict_s else None}
-    write_json(fold_dir / "metrics.json", metrics)
+    write_json(fold_dir / METRICS, metrics)
+    journal.unlink(missing_ok=True)
     return metrics
