@@ -130,7 +130,7 @@ class RssSampler:
 
 
 def _status_gb(key: str) -> float:
-    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(key + ":"))
+    line = next(row for row in Path("/proc/self/status").read_text().splitlines() if row.startswith(key + ":"))
     return int(line.split()[1]) / 1e6
 
 

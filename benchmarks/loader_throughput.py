@@ -53,7 +53,8 @@ def medseg(task: str, preprocessed: str, batches: int) -> None:
                                         None, augmentation, on_device)
     iterator = iter(datamodule.train_dataloader())
     seconds = _time_batches(lambda: next(iterator), batches)
-    print(f"medseg: {batches} batches of {batch_size} in {seconds:.1f} s = {batches * batch_size / seconds:.1f} patches/s")
+    print(f"medseg: {batches} batches of {batch_size} in {seconds:.1f} s = "
+          f"{batches * batch_size / seconds:.1f} patches/s")
 
 
 def nnunet(batches: int) -> None:

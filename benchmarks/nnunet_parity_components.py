@@ -177,7 +177,7 @@ def section_net() -> None:
     _row("parameter (nnU-Net shape)", "std medseg", "std nnU-Net", "He std (a=0.01)")
     gain = (2.0 / (1 + 0.01 ** 2)) ** 0.5
     worst = 0.0
-    for name, (sm, sn, mm_, mn_, shape) in stats.items():
+    for name, (sm, sn, _mm, mn_, shape) in stats.items():
         if not name.endswith("weight") or "norm" in name:
             if name.endswith("bias") and not sm and any(abs(v) > 0 for v in mn_):
                 print(f"  {name}: nnU-Net bias nonzero at init")
@@ -498,8 +498,9 @@ def section_dynamics(data_root: str, steps: int, every: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     cache: dict = {}
     _row("step", "nnU-Net dice 1/2", "medseg dice 1/2", "loss nnU-Net / medseg", widths=(8, 20, 20, 28))
+    last: list[float] = []  # the losses (nnU-Net, medseg) of the latest training step; none before the first
     for step in range(steps + 1):
-        if step % every == 0:
+        if step % every == 0 or step == steps:  # always at the end: the notes below report the final state
             out = {}
             for k, net in (("medseg", m), ("nnunet", n)):
                 net.eval()
@@ -510,7 +511,7 @@ def section_dynamics(data_root: str, steps: int, every: int, seed: int) -> None:
                 out[k] = 2 * tp / np.maximum(2 * tp + fp + fn, 1)
                 net.train()
             _row(step, " ".join(f"{v:.3f}" for v in out["nnunet"]), " ".join(f"{v:.3f}" for v in out["medseg"]),
-                 f"{last[0]:.3f} / {last[1]:.3f}" if step else "-", widths=(8, 20, 20, 28))
+                 f"{last[0]:.3f} / {last[1]:.3f}" if last else "-", widths=(8, 20, 20, 28))
         if step == steps:
             break
         imgs, segs = [], []
@@ -525,8 +526,8 @@ def section_dynamics(data_root: str, steps: int, every: int, seed: int) -> None:
             segs.append(seg.copy())
         x, y = torch.from_numpy(np.stack(imgs))[:, None], torch.from_numpy(np.stack(segs))[:, None]
         last = []
-        recipes = (("nnunet", n, lambda o: lossn(o, nnunet_ds_targets(y, len(o)))),
-                   ("medseg", m, lambda o: lossm(o, y)))
+        recipes = (("nnunet", n, lambda o, y=y: lossn(o, nnunet_ds_targets(y, len(o)))),
+                   ("medseg", m, lambda o, y=y: lossm(o, y)))
         for k, net, fn in recipes:
             opts[k].zero_grad(set_to_none=True)
             loss = fn(net(x))
@@ -539,7 +540,7 @@ def section_dynamics(data_root: str, steps: int, every: int, seed: int) -> None:
     print(f"relative distance between the two weight sets after {steps} steps: {dist.item():.3f}")
     _note("dynamics", f"held-out Dice 1/2 after {steps} steps", " ".join(f"{v:.3f}" for v in out["nnunet"]),
           " ".join(f"{v:.3f}" for v in out["medseg"]))
-    _note("dynamics", f"loss at step {steps}", f"{last[0]:.4f}", f"{last[1]:.4f}")
+    _note("dynamics", f"loss at step {steps}", f"{last[0]:.4f}" if last else "-", f"{last[1]:.4f}" if last else "-")
     _note("dynamics", "relative weight distance at the end", "-", f"{dist.item():.3f}")
 
 
@@ -635,7 +636,7 @@ def _augmentation_summary(data_root: str, n_initial, m_initial, seed: int, sampl
         cases = [load_case(data_root, names[(i // 4 + k) % len(names)]) for k in range(4)]
         ref = [[(s == c).sum() for c in (1, 2)] for _, s in cases]
 
-        def centred(size, pad_seg):
+        def centred(size, pad_seg, cases=cases):
             imgs, segs = [], []
             for img, seg in cases:
                 pads = [((t - p) // 2, t - p - (t - p) // 2) for t, p in zip(size, img.shape)]
@@ -656,7 +657,10 @@ def _augmentation_summary(data_root: str, n_initial, m_initial, seed: int, sampl
     quant = {}
     for k, v in stats.items():
         a = np.array(v)
-        q = lambda col: " / ".join(f"{np.percentile(a[:, col], p):.2f}" for p in (10, 50, 90))  # noqa: E731
+
+        def q(col, a=a):
+            return " / ".join(f"{np.percentile(a[:, col], p):.2f}" for p in (10, 50, 90))
+
         _row(k, q(0), q(1), f"{q(2)}  |  {q(3)}", widths=(18, 26, 26, 50))
         quant[k] = (q(1), q(3))
     _note("augmentation", "image std after augmentation (p10/p50/p90)", quant["nnunet"][0], quant["medseg"][0])

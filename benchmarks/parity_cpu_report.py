@@ -33,7 +33,8 @@ def _spread(values: list[float]) -> str:
 
 def main(folder: Path) -> None:
     runs = load(folder)
-    print("| iterations | framework | seeds | Dice per class: mean ± std (seeds that learned it) | mean Dice | per seed |")
+    print("| iterations | framework | seeds | Dice per class: mean ± std (seeds that learned it) | mean Dice "
+          "| per seed |")
     print("|---|---|---|---|---|---|")
     means: dict = {}
     for (budget, framework), seeds in sorted(runs.items()):

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Write a dataset's manifest (cases, channels, labels, fixed folds) to data_manifests/, paths relative to its root.
 
-    python scripts/make_manifest.py --adapter msd --root /data/Task04_Hippocampus --out data_manifests/Task04_Hippocampus.json
+    python scripts/make_manifest.py --adapter msd --root /data/Task04_Hippocampus \\
+        --out data_manifests/Task04_Hippocampus.json
 """
 
 import argparse

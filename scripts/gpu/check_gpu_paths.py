@@ -36,8 +36,9 @@ NONDETERMINISTIC = re.compile(r"(\w+) does not have a deterministic implementati
 
 def _train(work: Path, device: str, name: str, *overrides: str) -> tuple[subprocess.CompletedProcess, dict | None]:
     accelerator = "gpu" if device == "cuda" else "cpu"
-    cmd = [sys.executable, "-m", "medseg.cli.train", "debug=fast", "trainer=default", f"trainer.accelerator={accelerator}",
-           "trainer.max_epochs=2", "callbacks.progress=plain", f"paths.data={work / 'data'}",
+    cmd = [sys.executable, "-m", "medseg.cli.train", "debug=fast", "trainer=default",
+           f"trainer.accelerator={accelerator}", "trainer.max_epochs=2", "callbacks.progress=plain",
+           f"paths.data={work / 'data'}",
            f"paths.output={work / 'out'}", f"paths.preprocessed={work / 'pre'}", f"experiment_name={name}",
            f"hydra.run.dir={work / 'hydra' / name}", *overrides]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 FRAMEWORKS = {"medseg": "medseg", "nnunet": "nnunetv2"}
 MODES = ("eager", "compiled")
-MEDSEG_EPOCH = re.compile(r"epoch (\d+)/\d+, .*?([\d.]+) s \(train ([\d.]+) s(?:, [\d.]+ it/s, waiting for data ([\d.]+) s)?")
+MEDSEG_EPOCH = re.compile(r"epoch (\d+)/\d+, .*?([\d.]+) s \(train ([\d.]+) s"
+                          r"(?:, [\d.]+ it/s, waiting for data ([\d.]+) s)?")
 NNUNET_EPOCH = re.compile(r"Epoch time: ([\d.]+) s")
 NNUNET_TIMING = re.compile(r"timing: epoch \d+ train ([\d.]+) s, waiting for data ([\d.]+) s")
 NNUNET_PEAK = re.compile(r"timing: peak GPU memory allocated (?:([\d.]+) GB|n/a)")
@@ -137,9 +138,9 @@ def report(outs: list[Path]) -> tuple[str, dict]:
               f"`{settings.get('medseg_extra') or 'none'}` (250 iterations per epoch unless they say otherwise)", ""]
     lines.append("Epoch times include each framework's per-epoch validation; medians from the 2nd epoch on (the "
                  "first carries start-up and compilation). Data wait: the part of the training time spent waiting "
-                 "for the loader. Peak GPU memory: torch.cuda.max_memory_allocated over training (tensors only). Wall: the "
-                 "whole run, final validation included (the first medseg run's also its preprocessing; nnU-Net's "
-                 "plan and preprocess are timed apart, in nnunet_plan.log).")
+                 "for the loader. Peak GPU memory: torch.cuda.max_memory_allocated over training (tensors only). "
+                 "Wall: the whole run, final validation included (the first medseg run's also its preprocessing; "
+                 "nnU-Net's plan and preprocess are timed apart, in nnunet_plan.log).")
     lines.append("")
     head = ["framework", "mode", "ran", "epochs", "first epoch s", "median epoch s", "median train s",
             "median data wait s", "peak GPU memory GB", *[f"Dice {c}" for c in classes], "mean Dice", "wall s"]
@@ -176,7 +177,8 @@ def report(outs: list[Path]) -> tuple[str, dict]:
                 _f(row["median_train_s"]), _f(row["median_wait_s"]), peak,
                 *[_f(r["dice"].get(c), 4) for c in classes], _f(r["dice_mean"], 4), _f(r["wall_s"], 0)]) + " |")
     lines += ["", "medseg / nnunetv2, like against like:", "",
-              "| mode | median epoch time ratio (target at most 0.67) | mean Dice medseg - nnunetv2 (target at least -0.005) |",
+              "| mode | median epoch time ratio (target at most 0.67) "
+              "| mean Dice medseg - nnunetv2 (target at least -0.005) |",
               "|---|---|---|"]
     for mode in MODES:
         m, n = table.get(f"medseg_{mode}", {}), table.get(f"nnunet_{mode}", {})
@@ -184,7 +186,8 @@ def report(outs: list[Path]) -> tuple[str, dict]:
             lines.append(f"| {mode} | {m.get('status') or n.get('status')} | |")
             continue
         if not (m["ok"] and n["ok"]):
-            lines.append(f"| {mode} | failed: {', '.join(k for k, r in (('medseg', m), ('nnunetv2', n)) if not r['ok'])} | |")
+            failed = ", ".join(k for k, r in (("medseg", m), ("nnunetv2", n)) if not r["ok"])
+            lines.append(f"| {mode} | failed: {failed} | |")
             continue
         ratio = m["median_epoch_s"] / n["median_epoch_s"] if n["median_epoch_s"] else NAN
         gap = m["dice_mean"] - n["dice_mean"] if m["dice_mean"] is not None and n["dice_mean"] is not None else None

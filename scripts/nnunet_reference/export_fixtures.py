@@ -24,8 +24,9 @@ PLANNER_OF_PLANS = {
 ARCH_KEYS = ("n_stages", "features_per_stage", "strides", "kernel_sizes", "n_conv_per_stage", "n_blocks_per_stage",
              "n_conv_per_stage_decoder", "conv_op", "norm_op", "conv_bias", "norm_op_kwargs", "nonlin", "nonlin_kwargs",
              "dropout_op")
-CONF_KEYS = ("data_identifier", "preprocessor_name", "spacing", "median_image_size_in_voxels", "patch_size", "batch_size", "batch_dice",
-             "normalization_schemes", "use_mask_for_norm", "resampling_fn_data", "resampling_fn_data_kwargs",
+CONF_KEYS = ("data_identifier", "preprocessor_name", "spacing", "median_image_size_in_voxels", "patch_size",
+             "batch_size", "batch_dice", "normalization_schemes", "use_mask_for_norm", "resampling_fn_data",
+             "resampling_fn_data_kwargs",
              "resampling_fn_seg", "resampling_fn_seg_kwargs", "resampling_fn_probabilities",
              "resampling_fn_probabilities_kwargs", "next_stage", "previous_stage", "inherits_from")
 

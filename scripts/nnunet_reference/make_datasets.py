@@ -150,7 +150,8 @@ def gen_large_lowres(rng: np.random.Generator):
     radii = (rng.uniform(30, 40), rng.uniform(25, 35), rng.uniform(45, 60))
     kidney = _ellipsoid(g, radii, off)
     np.copyto(img, np.float32(150.0), where=kidney)
-    toff = (off[0] + float(rng.uniform(-8, 8)), off[1] + float(rng.uniform(-8, 8)), off[2] + float(rng.uniform(-15, 15)))
+    toff = (off[0] + float(rng.uniform(-8, 8)), off[1] + float(rng.uniform(-8, 8)),
+            off[2] + float(rng.uniform(-15, 15)))
     tumor = _ellipsoid(g, [r * 0.4 for r in radii], toff)
     np.copyto(img, np.float32(90.0), where=tumor)
     img += _noise(rng, shape, 10.0)

@@ -58,9 +58,16 @@ def fold_index(path: Path) -> int | None:
     return key if isinstance(key, int) else None
 
 
+def indexed_fold_dirs(run_dir: Path) -> list[tuple[int, Path]]:
+    """(k, folder) for the run's cross-validation fold_<k> folders, finished or not, by k (fold_all holds out
+    nothing)."""
+    keyed = [(k, d) for d in Path(run_dir).iterdir() if (k := fold_index(d)) is not None]
+    return sorted(keyed, key=lambda kd: kd[0])
+
+
 def fold_dirs(run_dir: Path) -> list[Path]:
     """The run's cross-validation fold_<k> folders, finished or not, by k (fold_all holds out nothing)."""
-    return sorted((d for d in Path(run_dir).iterdir() if fold_index(d) is not None), key=fold_index)  # type: ignore[arg-type,return-value]
+    return [d for _, d in indexed_fold_dirs(run_dir)]
 
 
 def trained_fold_dirs(run_dir: Path) -> list[Path]:

@@ -231,3 +231,23 @@ def test_cv_summary_cli_writes_the_leaderboard_for_several_runs(experiment, tmp_
                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (single / "cv_summary.csv").is_file() and not (single / "leaderboard.csv").exists()
+
+
+def test_model_loss_and_budget_come_from_the_run_record(experiment):
+    """A fold's run.json (what the run actually used) wins over folder names and the raw config."""
+    from medseg.record import Component, RunRecord
+
+    run = experiment / "unet__dice_ce"
+    for fold in (0, 1):
+        record = RunRecord(fold=fold, configuration="3d_fullres", dataset="d", num_train_cases=8, num_val_cases=2,
+                           model=Component("resenc_unet", {}), loss=Component("dice_focal", {}),
+                           optimizer=Component("torch.optim.SGD", {"lr": 0.01}), scheduler=None, spatial_dims=3,
+                           patch_size=[40, 56, 40], batch_size=3, oversample_foreground=0.33, iterations_per_epoch=7,
+                           max_epochs=4, seed=1, precision="32-true", accelerator="cpu", devices=1,
+                           gradient_clip_val=12.0, augmentation=None, augment_on_device=False, num_workers=0,
+                           plan_key="k", validation={})
+        record.save(run / f"fold_{fold}" / "run.json")
+    board = build_leaderboard(experiment, baseline="unet__dice_ce", n_resamples=200)
+    row = {r["run"]: r for r in board.rows}["unet__dice_ce"]
+    assert (row["model"], row["loss"]) == ("resenc_unet", "dice_focal")
+    assert "unet__dice_ce 4 x 7 x 3" in "\n".join(board.notes)  # the record's budget, not config.yaml's

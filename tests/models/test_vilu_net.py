@@ -11,7 +11,6 @@ import torch
 
 import medseg.models.vilu_net  # noqa: F401  (registers "vilu_net" until medseg.models imports it)
 from medseg.models import create_model
-from medseg.models.mlstm import mLSTMLayer
 from medseg.models.resenc_unet import ResidualBlock
 from medseg.models.vilu_net import vil_stages
 from medseg.planning.plan import ConfigurationPlan

@@ -59,9 +59,12 @@ def test_kill_9_mid_epoch_then_the_same_command_resumes_and_finishes(tmp_path):
     for ckpt in (fold / "checkpoints").glob("*.ckpt"):
         assert "state_dict" in torch.load(ckpt, map_location="cpu", weights_only=True)
 
-    # finished: the same command does nothing; a larger max_epochs needs extend=true, and keeps the old results
-    out = _run(tmp_path, "trainer.max_epochs=5")
-    assert "nothing to do" in out and "extend=true" in out
+    # finished: the same command does nothing; a larger max_epochs is refused (exit 2, before any data work)
+    # unless extend=true, which keeps the old results
+    assert "nothing to do" in _run(tmp_path)
+    refused = subprocess.run(_command(tmp_path, "trainer.max_epochs=5"), cwd=tmp_path, capture_output=True, text=True,
+                             timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert refused.returncode == 2 and "extend=true" in refused.stderr
     out = _run(tmp_path, "trainer.max_epochs=5", "extend=true")
     assert "epoch 5/5" in out and "epoch 4/5" not in out
     assert json.loads((fold / "metrics.json").read_text())["epochs"] == 5

@@ -22,7 +22,8 @@ from tests.conftest import compose
 
 def _plan() -> ConfigurationPlan:
     return ConfigurationPlan(name="3d_fullres", spatial_dims=3, spacing=[1.0, 1.0, 1.0], median_shape=[16, 16, 16],
-                             patch_size=[16, 16, 16], batch_size=2, strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]],
+                             patch_size=[16, 16, 16], batch_size=2,
+                             strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]],
                              kernel_sizes=[[3, 3, 3]] * 4, features=[4, 8, 16, 32], normalization=["zscore"],
                              use_mask_for_norm=[False], network="plain", encoder_blocks=[2, 2, 2, 2],
                              decoder_convs=[2, 2, 2], batch_dice=False)

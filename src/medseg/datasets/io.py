@@ -9,6 +9,7 @@ configuration, which axis shrinks first) agree with it. ``spacing[k]`` belongs t
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,7 +166,7 @@ def nonfinite_problem(path: str | Path, image: np.ndarray) -> str | None:
     return f"{path}: image contains NaN or Inf values ({bad} voxel(s))"
 
 
-def read_image(paths: list[str | Path]) -> tuple[np.ndarray, Geometry]:
+def read_image(paths: Sequence[str | Path]) -> tuple[np.ndarray, Geometry]:
     """Read one case's image channels (one file per channel, or one 4D file) as float32 (c, z, y, x)."""
     channels: list[np.ndarray] = []
     geometry: Geometry | None = None

@@ -14,7 +14,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from medseg.errors import MedsegError
 from medseg.evaluation.metrics import METRICS, metric_stats
-from medseg.layout import CONFIG, PER_CASE, VALIDATION, find_runs, fold_dirs, fold_index, is_finished
+from medseg.layout import CONFIG, PER_CASE, VALIDATION, find_runs, fold_dirs, indexed_fold_dirs, is_finished
 
 
 def read_case_rows(fold_dir: Path) -> list[dict]:
@@ -90,7 +90,7 @@ def expected_folds(run_dir: Path) -> int | None:
 def missing_folds_note(run_dir: Path) -> str | None:
     """A line such as "<run>: folds 0 of 5 finished; missing 1, 2, 3, 4" where the run has fewer finished folds
     than its data has, or has started folds that did not finish; None for a complete run."""
-    folds = {fold_index(d): is_finished(d) for d in fold_dirs(run_dir)}
+    folds = {k: is_finished(d) for k, d in indexed_fold_dirs(run_dir)}
     finished = sorted(k for k, done in folds.items() if done)
     unfinished = sorted(k for k, done in folds.items() if not done)
     total = expected_folds(run_dir)

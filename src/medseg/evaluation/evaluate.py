@@ -238,7 +238,8 @@ def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, labels: Mapping[
 
     ``labels``: {value: name}, or a dataset.json (MSD or nnU-Net v2) to read it from; default: every
     non-zero value found in the references, named by its value (other values found, such as ones only ever
-    predicted, are listed as ``unscored_label_values``). ``tolerance_mm``: surface-Dice tolerance, one number or {class: mm}.
+    predicted, are listed as ``unscored_label_values``). ``tolerance_mm``: surface-Dice tolerance, one number or
+    {class: mm}.
     Writes ``<output>/per_case.csv`` and ``<output>/summary.json`` (default output: ``<pred_dir>/evaluation``,
     never inside ``ref_dir``); returns (per-case rows, summary).
     """

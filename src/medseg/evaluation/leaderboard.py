@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +32,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from medseg.errors import MedsegError
 from medseg.evaluation.cv_summary import case_value, metric_columns, nanmean, read_case_rows
-from medseg.layout import find_runs, fold_dirs, fold_index, is_finished
+from medseg.layout import RUN_RECORD, find_runs, indexed_fold_dirs, is_finished
+from medseg.record import RunRecord
 from medseg.evaluation.metrics import METRICS, metric_stats
 from medseg.evaluation.statistics import bootstrap_ci, holm, paired_wilcoxon
 
@@ -51,13 +53,18 @@ class RunResults:
     metrics: dict[int, dict] = field(default_factory=dict)  # metrics.json per finished fold
     model_summary: dict | None = None  # the first finished fold's model_summary.json
     budgets: set[tuple] = field(default_factory=set)  # (epochs, iterations per epoch, batch) of finished folds
+    record: RunRecord | None = None  # the first finished fold's run record (runs of older versions have none)
 
     @property
     def model(self) -> str:
-        return self.name.split("__")[0]
+        if self.record is not None:
+            return self.record.model.name
+        return self.name.split("__")[0]  # runs written before run records: <model>__<loss>[__<configuration>]
 
     @property
     def loss(self) -> str:
+        if self.record is not None:
+            return self.record.loss.name
         parts = self.name.split("__")
         return parts[1] if len(parts) > 1 else ""
 
@@ -74,9 +81,19 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
+def _record(fold_dir: Path) -> RunRecord | None:
+    try:
+        return RunRecord.load(fold_dir / RUN_RECORD) if (fold_dir / RUN_RECORD).is_file() else None
+    except MedsegError:
+        return None
+
+
 def _budget(fold_dir: Path, metrics: dict) -> tuple:
-    """(epochs, iterations per epoch, batch size) from the fold's resolved config and plan, else from
-    metrics.json; None where unknown."""
+    """(epochs, iterations per epoch, batch size) from the fold's run record, else (older runs) from its config
+    and plan, else from metrics.json; None where unknown."""
+    record = _record(fold_dir)
+    if record is not None:
+        return metrics.get("epochs", record.max_epochs), record.iterations_per_epoch, record.batch_size
     epochs, iterations = metrics.get("epochs"), (metrics.get("timing") or {}).get("iterations_per_epoch")
     batch = None
     try:
@@ -95,8 +112,7 @@ def _budget(fold_dir: Path, metrics: dict) -> tuple:
 
 def load_run(run_dir: Path) -> RunResults:
     run = RunResults(run_dir.name, run_dir)
-    for fold_dir in fold_dirs(run_dir):
-        k = fold_index(fold_dir)
+    for k, fold_dir in indexed_fold_dirs(run_dir):
         metrics = _read_json(fold_dir / "metrics.json") if is_finished(fold_dir) else None
         if metrics is None:
             run.unfinished.append(k)
@@ -107,6 +123,8 @@ def load_run(run_dir: Path) -> RunResults:
         run.budgets.add(_budget(fold_dir, metrics))
         if run.model_summary is None:
             run.model_summary = _read_json(fold_dir / "model_summary.json")
+        if run.record is None:
+            run.record = _record(fold_dir)
     return run
 
 
@@ -286,7 +304,7 @@ def _table(header: list[str], lines: list[list[str]]) -> list[str]:
             *("| " + " | ".join(line) + " |" for line in lines)]
 
 
-def leaderboard_markdown(board: Leaderboard, plots: list[str] = ()) -> str:
+def leaderboard_markdown(board: Leaderboard, plots: Sequence[str] = ()) -> str:
     pct = f"{board.confidence:.0%}"
     out = [f"# Leaderboard: {board.experiment}", "",
            f"Baseline `{board.baseline}`. Mean ± std over the validation cases of each run's finished folds; "
@@ -328,8 +346,13 @@ def _plot_dice(board: Leaderboard, path: Path) -> None:
 
     names = [r["run"] for r in board.rows]
     labels = [f"{n} *" if r.get("significant") else n for n, r in zip(names, board.rows)]
-    panels = [("mean over classes", lambda run: list(run.case_mean_dice().values()))]
-    panels += [(c, lambda run, c=c: [case_value(r, f"dice_{c}") for r in run.rows]) for c in board.classes]
+
+    def class_dice(c: str) -> Callable[[RunResults], list[float]]:
+        return lambda run: [case_value(r, f"dice_{c}") for r in run.rows]
+
+    panels: list[tuple[str, Callable[[RunResults], list[float]]]] = [
+        ("mean over classes", lambda run: list(run.case_mean_dice().values()))]
+    panels += [(c, class_dice(c)) for c in board.classes]
     fig = Figure(figsize=(max(4.0, 0.7 * len(names) + 2) * len(panels), 4.5), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (title, values) in zip(axes, panels):
@@ -347,6 +370,7 @@ def _plot_dice(board: Leaderboard, path: Path) -> None:
 
 def _plot_cost(board: Leaderboard, path: Path) -> bool:
     from matplotlib import colormaps
+    from matplotlib.artist import Artist
     from matplotlib.figure import Figure
 
     axes_spec = [("parameters", 1e-6, "parameters (M)"), ("gflops", 1.0, "GFLOPs per patch"),
@@ -369,7 +393,7 @@ def _plot_cost(board: Leaderboard, path: Path) -> bool:
         ax.grid(alpha=0.3)
     for ax in axes[len(axes_spec):]:
         ax.set_visible(False)
-    legend = {}  # a run missing from one panel's figures may still be in another
+    legend: dict[str, Artist] = {}  # a run missing from one panel's figures may still be in another
     for ax in axes[:len(axes_spec)]:
         for handle, name in zip(*ax.get_legend_handles_labels()):
             legend.setdefault(name, handle)

@@ -41,7 +41,7 @@ def candidate_rows(case_id: str, pred: np.ndarray, reference: np.ndarray, labels
     allfg = keep_largest_component(pred, all_foreground=True)
     none_dice = dice_per_class(pred, reference, classes)
     allfg_dice = dice_per_class(allfg, reference, classes)
-    row = {"case_id": case_id}
+    row: dict[str, str | float] = {"case_id": case_id}
     for c in classes:
         lcc = dice_per_class(keep_largest_component(pred, [c]), reference, [c])[c]
         # the all-foreground step only removes voxels: where it removed none of this class, the class's own

@@ -150,7 +150,8 @@ def predict_folder(ckpt_dir: Path, input_dir: Path, output_dir: Path, checkpoint
         predict_cases(predictor, jobs, summary, progress=progress, background=background_io, postprocessing=spec)
         if jobs or not (output_dir / SUMMARY_FILE).exists():  # a run with nothing to do leaves the folder as it was
             record = {"input": str(input_dir), "output": str(output_dir), "checkpoints": [m.source for m in models],
-                      "device": str(dev), "precision": predictor.precision, "overlap": overlap, "mirror_axes": _jsonable(mirror_axes),
+                      "device": str(dev), "precision": predictor.precision, "overlap": overlap,
+                      "mirror_axes": _jsonable(mirror_axes),
                       "save_probabilities": save_probabilities,
                       "postprocessing": spec.to_dict() if spec is not None else None,
                       "total_seconds": round(time.perf_counter() - started, 3), **summary.to_dict()}
@@ -255,9 +256,10 @@ class _Pipeline:
 
     def run(self, jobs: list[CaseJob]) -> None:
         try:
-            pending_read = self.reader.submit(self.load, jobs[0])
+            pending_read: Future | None = self.reader.submit(self.load, jobs[0])
             behind = None  # (job, write future, step times) of the case being written
             for i, job in enumerate(jobs):
+                assert pending_read is not None  # submitted for every job
                 loaded = self.result(job, pending_read)
                 pending_read = self.reader.submit(self.load, jobs[i + 1]) if i + 1 < len(jobs) else None
                 inferred = self.infer(job, loaded) if loaded is not None else None
@@ -304,6 +306,7 @@ class _Pipeline:
         result = self.predictor.finish(logits, loaded.prepared, probabilities=job.probabilities is not None)
         del logits
         if job.probabilities is not None:
+            assert result.probabilities is not None  # asked for above
             try:
                 write_probabilities(job.probabilities, result.probabilities, result.labels)
             except OSError as e:

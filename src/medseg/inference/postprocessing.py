@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -56,6 +57,7 @@ def keep_largest_component(label: np.ndarray, classes: list[int] | None = None,
     Otherwise: each class in ``classes`` (default: every foreground class present) keeps its own largest
     component; the others are untouched."""
     out = np.array(label, copy=True)
+    masks: Iterable[np.ndarray]
     if all_foreground:
         if classes is not None:
             raise ValueError("all_foreground keeps one component over all classes; pass no classes")

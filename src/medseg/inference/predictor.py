@@ -184,12 +184,13 @@ class Predictor:
         for g in prepared.groups:
             if g.data is None:
                 raise ValueError("prepared case was released before inference")
-            summed = None
+            summed: torch.Tensor | None = None
             for m in g.models:
                 logits = predict_logits(m.model, g.data, m.config.patch_size, self.overlap, self._mirror[id(m)],
                                         self.sw_batch_size, self.device, self._autocast).cpu()
                 summed = logits if summed is None else summed.add_(logits)
                 del logits
+            assert summed is not None  # every group has a model
             out.append(summed.to(LOGIT_DTYPE))
         return out
 
@@ -227,15 +228,17 @@ class Predictor:
         result = self.predict(image, geometry.spacing, probabilities=probabilities_output is not None)
         del image
         if probabilities_output is not None:
+            assert result.probabilities is not None  # asked for above
             write_probabilities(probabilities_output, result.probabilities, result.labels)
         write_label(result.label, geometry, output)
 
     def _mean_logits(self, logits: list[torch.Tensor], prepared: Prepared, start: int, stop: int) -> torch.Tensor:
         """Mean logits of the ensemble for input-grid rows [start, stop) of array axis 0, float32."""
-        total = None
+        total: torch.Tensor | None = None
         for group_logits, group in zip(logits, prepared.groups):
             part = _rows_on_input_grid(group_logits, group.props, group.models[0].plan, start, stop)
             total = part if total is None else total.add_(part)
+        assert total is not None  # a predictor holds at least one model, so at least one group
         return total / len(self.models)
 
 

@@ -78,8 +78,10 @@ def _predict(model: nn.Module, x: torch.Tensor, patch_size, overlap, mirror_axes
             if single:
                 out = _one_window(model, copies, patch, sw_batch_size)
             else:
-                out = sliding_window_inference(copies, patch, sw_batch_size, model, overlap=overlap,
-                                               mode="gaussian", padding_mode="constant", cval=0.0)
+                windowed = sliding_window_inference(copies, patch, sw_batch_size, model, overlap=overlap,
+                                                    mode="gaussian", padding_mode="constant", cval=0.0)
+                assert isinstance(windowed, torch.Tensor)  # the model returns one tensor in eval mode
+                out = windowed
             return [torch.flip(o, dims) if dims else o for dims, o in zip(group, out.split(x.shape[0]))]
 
     group_voxels = per_group * x.shape[0] * math.prod(max(s, p) for s, p in zip(x.shape[2:], patch))
@@ -92,9 +94,10 @@ def _predict(model: nn.Module, x: torch.Tensor, patch_size, overlap, mirror_axes
             outputs = [run(g) for g in groups]
     finally:
         model.train(was_training)
-    logits = None
+    logits: torch.Tensor | None = None
     for o in itertools.chain.from_iterable(outputs):  # fixed order: the flips' order
         logits = o.float() if logits is None else logits.add_(o)
+    assert logits is not None  # flips holds at least the unflipped copy
     if len(flips) > 1:
         logits /= len(flips)
     return logits

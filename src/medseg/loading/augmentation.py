@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from typing import overload
 
 import numpy as np
 import torch
@@ -165,7 +166,11 @@ class _Packer:
         return torch.cat(self.parts) if self.parts else torch.zeros(0)
 
 
-def _rand(g: torch.Generator, *shape) -> float | torch.Tensor:
+@overload
+def _rand(g: torch.Generator) -> float: ...
+@overload
+def _rand(g: torch.Generator, first: int, /, *shape: int) -> torch.Tensor: ...
+def _rand(g: torch.Generator, *shape: int) -> float | torch.Tensor:
     r = torch.rand(shape or (), generator=g)
     return float(r) if not shape else r
 

@@ -236,7 +236,7 @@ class SegmentationDataModule(L.LightningDataModule):
                      rank, world, self.train_set.batch_size, self.train_set.global_batch_size,
                      self.train_set.num_foreground, self.train_set.iterations)
 
-    def _loader(self, dataset: Dataset, workers: int, prefetch: int, what: str, **kwargs) -> DataLoader:
+    def _loader(self, dataset: _SplitBatches | Volumes, workers: int, prefetch: int, what: str, **kwargs) -> DataLoader:
         plan = sized_loader(workers, prefetch, dataset.batch_bytes(self.num_channels), what)
         return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=plan.workers,
                           persistent_workers=plan.workers > 0, prefetch_factor=plan.prefetch, **kwargs)

@@ -135,7 +135,7 @@ def mlstm_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i_gate: t
     c_state = q.new_zeros(batch, heads, dim, dim_v)
     n_state = q.new_zeros(batch, heads, dim)
     m_state = q.new_full((batch, heads), float("-inf"))
-    c_in, n_in, m_in = [c_state], [n_state], [m_state]
+    c_steps, n_steps, m_steps = [c_state], [n_state], [m_state]
     for c in range(chunks - 1):
         m_new = torch.maximum(log_f_total[..., c] + m_state, m_local[..., c])
         decay = torch.exp(log_f_total[..., c] + m_state - m_new)
@@ -143,10 +143,10 @@ def mlstm_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i_gate: t
         c_state = decay[..., None, None] * c_state + scale[..., None, None] * c_local[:, :, c]
         n_state = decay[..., None] * n_state + scale[..., None] * n_local[:, :, c]
         m_state = m_new
-        c_in.append(c_state)
-        n_in.append(n_state)
-        m_in.append(m_state)
-    c_in, n_in, m_in = torch.stack(c_in, 2), torch.stack(n_in, 2), torch.stack(m_in, 2)
+        c_steps.append(c_state)
+        n_steps.append(n_state)
+        m_steps.append(m_state)
+    c_in, n_in, m_in = torch.stack(c_steps, 2), torch.stack(n_steps, 2), torch.stack(m_steps, 2)
 
     # outputs: intra-chunk quadratic part plus the carried state, both under the exact running max m_t
     log_w = log_f[..., :, None] - log_f[..., None, :] + i_gate[..., None, :]       # (B, H, N, L, L)

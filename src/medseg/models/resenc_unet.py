@@ -10,6 +10,7 @@ deep supervision the lowest one has loss weight 0), checked in tests/models/test
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -20,7 +21,8 @@ from medseg.models.unet import num_deep_supervision_heads
 from medseg.planning.plan import ConfigurationPlan
 from medseg.planning.planner import decoder_convs, encoder_blocks
 
-_CONV = {2: nn.Conv2d, 3: nn.Conv3d}
+# by spatial dims; Callable: the two constructors' stubs join to int-only sizes (the lists passed are fine)
+_CONV: dict[int, Callable[..., nn.Module]] = {2: nn.Conv2d, 3: nn.Conv3d}
 _TRANSPOSED = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 _NORM = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
 _POOL = {2: nn.AvgPool2d, 3: nn.AvgPool3d}
@@ -91,7 +93,8 @@ class ResEncUNet(nn.Module):
         cin = features[0]
         for i in range(n):
             blocks = [ResidualBlock(dims, cin, features[i], kernels[i], strides[i])]
-            blocks += [ResidualBlock(dims, features[i], features[i], kernels[i], 1) for _ in range(encoder_blocks[i] - 1)]
+            blocks += [ResidualBlock(dims, features[i], features[i], kernels[i], 1)
+                       for _ in range(encoder_blocks[i] - 1)]
             self.encoder.append(nn.Sequential(*blocks))
             cin = features[i]
         self.upsample = nn.ModuleList()

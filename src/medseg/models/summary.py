@@ -62,10 +62,10 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def _device_of(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
     return torch.device("cpu")
 
 

@@ -21,6 +21,7 @@ and eval are unaffected).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal, overload
 
 import torch
 import torch.nn as nn
@@ -90,7 +91,7 @@ class _DecoderTaps(nn.Module):
         return [logits] + [head(captured[name]) for head, name in zip(self.seg_heads, self.tap_names)]
 
 
-def _without_unused_norms(net: nn.Module) -> nn.Module:
+def _without_unused_norms(net: UNETR) -> UNETR:
     """MONAI's TransformerBlock builds ``norm_cross_attn`` even without cross-attention, then never calls it:
     parameters outside every loss, on which DDP fails (find_unused_parameters=False). Each is replaced by
     nn.Identity; a load hook drops their weights from checkpoints that still hold them."""
@@ -106,6 +107,10 @@ def _drop_unused_norm_weights(_net: nn.Module, state_dict: dict, prefix: str, *_
         del state_dict[key]
 
 
+@overload
+def _patch_from(name: str, spatial_dims: int, plan: ConfigurationPlan | None, required: Literal[True]) -> list[int]: ...
+@overload
+def _patch_from(name: str, spatial_dims: int, plan: ConfigurationPlan | None, required: bool) -> list[int] | None: ...
 def _patch_from(name: str, spatial_dims: int, plan: ConfigurationPlan | None, required: bool) -> list[int] | None:
     if plan is None:
         if required:

@@ -155,7 +155,9 @@ class UMamba(ResEncUNet):
                          decoder_convs, deep_supervision)
         self.mamba_stages = sorted(mamba_stages)
         for i in self.mamba_stages:
-            self.encoder[i].append(MambaLayer(features[i]))
+            stage = self.encoder[i]
+            assert isinstance(stage, nn.Sequential)  # ResEncUNet builds each encoder stage as one
+            stage.append(MambaLayer(features[i]))
 
     def mamba_layers(self) -> list[MambaLayer]:
         return [m for m in self.modules() if isinstance(m, MambaLayer)]

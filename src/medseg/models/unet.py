@@ -48,7 +48,8 @@ def build_unet(spatial_dims: int, in_channels: int, out_channels: int, plan: Con
         raise ConfigError("model 'unet' is built from a plan's topology; pass plan=")
     heads = num_deep_supervision_heads(plan.num_stages) if deep_supervision else 0
     net = DynUNet(spatial_dims, in_channels, out_channels, kernel_size=plan.kernel_sizes, strides=plan.strides,
-                  upsample_kernel_size=plan.strides[1:], filters=plan.features, norm_name=("INSTANCE", {"affine": True}),
+                  upsample_kernel_size=plan.strides[1:], filters=plan.features,
+                  norm_name=("INSTANCE", {"affine": True}),
                   act_name=("leakyrelu", {"inplace": True, "negative_slope": 0.01}),
                   deep_supervision=heads > 0, deep_supr_num=max(1, heads), res_block=residual)
     return DeepSupervisionUNet(net, heads)

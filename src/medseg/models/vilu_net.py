@@ -68,7 +68,9 @@ class ViLUNet(ResEncUNet):
                     layers.append(mLSTMLayer(features[i], num_heads=num_heads, chunk_size=chunk_size,
                                              reverse=layer_index % 2 == 1))
                     layer_index += 1
-                self.encoder[i].append(FeatureMapMLSTM(layers))
+                stage = self.encoder[i]
+                assert isinstance(stage, nn.Sequential)  # ResEncUNet builds each encoder stage as one
+                stage.append(FeatureMapMLSTM(layers))
             self.vil.append(nn.Sequential(*layers))
 
     def mlstm_layers(self) -> list[mLSTMLayer]:

@@ -19,7 +19,8 @@ nnU-Net builds each candidate network to count its feature maps; medseg counts t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -88,7 +89,8 @@ class PlannerSettings:
         known = set(cls.__dataclass_fields__)
         given = dict(cfg)
         check_keys(given, known, "planner settings", "planner")
-        d = {k: (list(v) if hasattr(v, "__iter__") and not isinstance(v, str) else v) for k, v in given.items()}
+        d: dict[str, Any] = {k: (list(v) if hasattr(v, "__iter__") and not isinstance(v, str) else v)
+                             for k, v in given.items()}
         settings = cls(**d)
         if settings.preset not in PRESETS:
             raise ConfigError(f"planner.preset={settings.preset!r} is unknown; choose from {sorted(PRESETS)}")
@@ -329,7 +331,9 @@ def _plan_lowres(spacing_t, median_t, fullres: ConfigurationPlan, num_cases: int
         why.append(f"3d_lowres: not needed, the fullres patch covers {coverage:.0%} of the median image")
         return None
     low_spacing = np.array(spacing_t, dtype=np.float64)
-    lowres, steps, notes = None, 0, []
+    lowres: ConfigurationPlan | None = None
+    steps = 0
+    notes: list[str] = []
     while coverage < LOWRES_COVERAGE:
         ratio = low_spacing.max() / low_spacing
         if np.any(ratio > 2):  # the fine axes catch up with the coarse one first
@@ -343,6 +347,7 @@ def _plan_lowres(spacing_t, median_t, fullres: ConfigurationPlan, num_cases: int
         notes = []  # only the last step's reasoning is kept
         lowres = config("3d_lowres", low_spacing.copy(), low_median, median_voxels * num_cases, notes=notes)
         coverage = float(np.prod(lowres.patch_size)) / median_voxels
+    assert lowres is not None  # the loop ran at least once: coverage started below LOWRES_COVERAGE
     if float(np.prod(median_t)) / median_voxels < 2:
         why.append("3d_lowres: dropped, its resolution differs from 3d_fullres by less than 2x in voxels")
         return None

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import numpy as np
@@ -277,12 +277,12 @@ def progress_callbacks(mode: str) -> tuple[list[Callback], bool]:
     return [], False
 
 
-def build_callbacks(cfg: DictConfig | Mapping[str, Any]) -> tuple[list[Callback], bool]:
+def build_callbacks(cfg: DictConfig | Mapping[str, Any] | None) -> tuple[list[Callback], bool]:
     """Callbacks from the `callbacks` config node, and the Trainer's enable_progress_bar.
 
     `checkpoint` is left to the caller (it needs the fold's directory); other unknown keys are reported."""
     if isinstance(cfg, DictConfig):
-        cfg = OmegaConf.to_container(cfg, resolve=True)
+        cfg = cast("dict[str, Any] | None", OmegaConf.to_container(cfg, resolve=True))  # a mapping node: str keys
     cfg = dict(cfg or {})
     unknown = set(cfg) - {"checkpoint", "image_overlays", "progress"}
     if unknown:

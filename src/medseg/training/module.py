@@ -39,7 +39,7 @@ class SegmentationModule(L.LightningModule):
         self.checkpoint_extras = checkpoint_extras or {}
         self.val_overlap = val_overlap
         self.channels_last = channels_last
-        self._val_counts = None
+        self._val_counts: torch.Tensor | None = None  # (tp, fp, fn) x class, from on_validation_epoch_start
 
     def forward(self, x: torch.Tensor):
         return self.model(x)
@@ -65,11 +65,13 @@ class SegmentationModule(L.LightningModule):
         else:  # one whole volume (C, *shape): sliding window
             pred = predict_logits(self.model, image, self.patch_size, overlap=self.val_overlap).argmax(0)
             ref = label[0].to(pred.device)
+        assert self._val_counts is not None  # on_validation_epoch_start ran
         self._val_counts += confusion_counts(pred, ref, self.num_classes)
         return {"pred": pred}  # for callbacks (TensorBoard overlays)
 
     def on_validation_epoch_end(self):
         counts = self._val_counts
+        assert counts is not None  # on_validation_epoch_start ran
         if self.trainer.world_size > 1:
             # DDP: each rank validated its own patches or cases; Dice needs the counts of all of them
             counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
@@ -88,10 +90,16 @@ class SegmentationModule(L.LightningModule):
 
     def on_train_start(self):
         # a finished run extended to more epochs: its restored schedule must use the new horizon
+        from torch.optim.lr_scheduler import LambdaLR
+
         from medseg.training.schedules import set_total_epochs
 
+        assert self.trainer.max_epochs is not None  # medseg always sets trainer.max_epochs
         for config in self.trainer.lr_scheduler_configs:
-            set_total_epochs(config.scheduler, self.trainer.max_epochs)
+            # medseg's schedules (poly, warmup_cosine) are LambdaLRs whose factors hold the horizon; another
+            # scheduler (a config's own _target_) has no lr_lambdas, and its horizon is its own business
+            if isinstance(config.scheduler, LambdaLR):
+                set_total_epochs(config.scheduler, self.trainer.max_epochs)
 
     def on_train_epoch_end(self):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])

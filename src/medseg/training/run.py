@@ -38,7 +38,8 @@ from medseg.training.callbacks import build_callbacks
 from medseg.training.checkpoint_io import AtomicCheckpointIO
 from medseg.training.guards import FiniteGuard
 from medseg.training.module import SegmentationModule, channels_last_format
-from medseg.training.settings import augmentation_settings, check_config, parse_fold, resolve_run, trainer_kwargs
+from medseg.training.settings import (augmentation_settings, check_config, config_dict, parse_fold, resolve_run,
+                                     trainer_kwargs)
 from medseg.training.timing import fit_timing, reset_peak_memory
 from medseg.training.validation import validate_fold
 
@@ -198,7 +199,8 @@ def build_module(cfg: DictConfig, setup: RunSetup) -> SegmentationModule:
     channels_last = bool(cfg.get("channels_last", False))
     if channels_last:
         # weights and batches in channels-last layout: oneDNN/cuDNN convolutions without layout conversions
-        setup.model.to(memory_format=channels_last_format(config.spatial_dims + 2))
+        # torch's stubs for Module.to omit memory_format, which it takes (documented) and applies to 4D/5D weights
+        setup.model.to(memory_format=channels_last_format(config.spatial_dims + 2))  # type: ignore[call-overload]
     return SegmentationModule(setup.model, setup.loss, setup.prepared.manifest.num_classes, config.patch_size,
                               instantiate(cfg.optimizer), instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
                               extras, val_overlap=float(record.validation["overlap"]), channels_last=channels_last)
@@ -224,8 +226,7 @@ def build_trainer(cfg: DictConfig, fold_dir: Path, holds_out: bool) -> L.Trainer
                              enable_version_counter=False)
     checkpoints = [latest]
     if holds_out:
-        best_kwargs = OmegaConf.to_container(cfg.callbacks.checkpoint, resolve=True)
-        assert isinstance(best_kwargs, dict)
+        best_kwargs = config_dict(cfg.callbacks.checkpoint)
         best_kwargs.pop("save_last", None)
         checkpoints.insert(0, ModelCheckpoint(dirpath=ckpt_dir, filename="best", auto_insert_metric_name=False,
                                               enable_version_counter=False, save_top_k=1, **best_kwargs))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -49,14 +49,21 @@ def parse_fold(value: Any) -> int | str:
     return fold
 
 
+def config_dict(node: DictConfig) -> dict[str, Any]:
+    """A config mapping node as a plain dict, interpolations resolved (its keys are strings; OmegaConf's return
+    type also allows lists and other key types)."""
+    values = OmegaConf.to_container(node, resolve=True)
+    assert isinstance(values, dict)
+    return cast(dict[str, Any], values)
+
+
 def on_gpu(cfg: DictConfig) -> bool:
     return torch.cuda.is_available() and cfg.trainer.get("accelerator") in ("auto", "gpu", "cuda")
 
 
 def trainer_kwargs(cfg: DictConfig) -> dict:
     """lightning.Trainer arguments from cfg.trainer, precision and determinism decided."""
-    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    assert isinstance(kwargs, dict)
+    kwargs = config_dict(cfg.trainer)
     if kwargs.get("precision") is None:
         gpu = on_gpu(cfg)
         kwargs["precision"] = training_precision("cuda" if gpu else "cpu", cuda_capability() if gpu else None)
@@ -83,8 +90,7 @@ def augmentation_settings(cfg: DictConfig, patch_size) -> tuple[AugmentationSett
     aug = cfg.get("augmentation")
     if aug is None or not aug.enabled:
         return None, False
-    values = OmegaConf.to_container(aug, resolve=True)
-    assert isinstance(values, dict)
+    values = config_dict(aug)
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k not in ("enabled", "run_on")}
     known = {f.name for f in dataclasses.fields(AugmentationSettings)}
     unknown = sorted(set(overrides) - known)
@@ -113,8 +119,7 @@ def check_config(cfg: DictConfig) -> None:
     if aug is not None and aug.get("run_on", "auto") not in AUGMENTATION_RUN_ON:
         raise ConfigError(f"augmentation.run_on={aug.run_on!r}: expected one of {list(AUGMENTATION_RUN_ON)}")
     for group, check in (("model", check_model_keys), ("loss", check_loss_keys)):
-        values = OmegaConf.to_container(cfg[group], resolve=True)
-        assert isinstance(values, dict)
+        values = config_dict(cfg[group])
         check(str(values.pop("name")), values)  # keys only: nothing is built before the plan exists
     accepted = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"} - _MANAGED_TRAINER_KEYS
     unknown = sorted(set(cfg.trainer) - accepted)
@@ -142,8 +147,7 @@ def _short(e: Exception) -> str:
 def _component(node: DictConfig | None) -> Component | None:
     if not node:
         return None
-    values = OmegaConf.to_container(node, resolve=True)
-    assert isinstance(values, dict)
+    values = config_dict(node)
     name = str(values.pop("_target_", values.pop("name", "")))
     values.pop("_partial_", None)
     return Component(name, values)
@@ -160,18 +164,15 @@ def _scheduler(cfg: DictConfig) -> Component | None:
 def resolve_run(cfg: DictConfig, plan: Plan, config: ConfigurationPlan, fold: int | str, num_train: int,
                 num_val: int) -> RunRecord:
     """The run's settings from the config and the (model-adapted) configuration plan."""
-    model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
-    assert isinstance(model_kwargs, dict)
+    model_kwargs = config_dict(cfg.model)
     model_name = str(model_kwargs.pop("name"))
-    loss_kwargs = OmegaConf.to_container(cfg.loss, resolve=True)
-    assert isinstance(loss_kwargs, dict)
+    loss_kwargs = config_dict(cfg.loss)
     loss_name = str(loss_kwargs.pop("name"))
     if loss_kwargs.get("batch_dice", False) is None:
         loss_kwargs["batch_dice"] = config.batch_dice
     augmentation, augment_on_device = augmentation_settings(cfg, config.patch_size)
     kwargs = trainer_kwargs(cfg)
-    validation = OmegaConf.to_container(cfg.validation, resolve=True)
-    assert isinstance(validation, dict)
+    validation = config_dict(cfg.validation)
     axes = validation_mirror_axes(validation.get("mirror_axes"), augmentation, config.spatial_dims)
     validation["mirror_axes"] = list(axes) if axes else []
     return RunRecord(

@@ -65,7 +65,8 @@ def _median(values: list[float]) -> float | None:
 
 
 def fit_timing(trainer: L.Trainer, device: torch.device, fit_s: float, iterations_per_epoch: int) -> dict:
-    summary = next((c for c in trainer.callbacks if isinstance(c, EpochSummary)), None)
+    # Lightning sets Trainer.callbacks in its callback connector without declaring it on the class
+    summary = next((c for c in trainer.callbacks if isinstance(c, EpochSummary)), None)  # type: ignore[attr-defined]
     epoch_s = list(summary.epoch_seconds) if summary else []
     train_s = list(summary.train_seconds) if summary else []
     wait_s = list(summary.wait_seconds) if summary else []

@@ -83,6 +83,7 @@ def validate_fold(predictor: Predictor, manifest: Manifest, case_ids: list[str],
             continue
         case = manifest.case(case_id)
         image, geometry = read_image(case.images)
+        assert case.label is not None  # validation cases are training cases, which have labels
         reference, _ = read_label(case.label)
         start = time.perf_counter()
         pred = predictor.predict_label(image, geometry.spacing)
