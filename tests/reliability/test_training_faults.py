@@ -143,7 +143,9 @@ def test_a_bad_dataset_is_refused_before_training_and_earlier_results_stay(tmp_p
 def test_one_training_run_per_fold_folder_and_ddp_ranks_take_no_lock(tmp_path, monkeypatch):
     run_dir = _fold(tmp_path).parent
     ran = []
-    monkeypatch.setattr(run_module, "_train_fold", lambda cfg: ran.append(os.environ.get("RANK")) or {"ok": 1})
+    monkeypatch.setattr(run_module, "set_up_run", lambda cfg, fold: None)  # the lock is what is tested here
+    monkeypatch.setattr(run_module, "_train_fold",
+                        lambda cfg, setup, fold_dir: ran.append(os.environ.get("RANK")) or {"ok": 1})
     for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
     with exclusive(run_dir / ".fold_0.lock", run_dir / "fold_0", "training run"):

@@ -60,9 +60,10 @@ def train_fold(cfg: DictConfig) -> dict:
     processes re-run this job under the first one's lock, so they take none)."""
     check_config(cfg)  # before anything is read or written
     fold = parse_fold(cfg.fold)
-    setup = set_up_run(cfg, fold)  # writes nothing into the run folder
     run_dir = Path(cfg.run_dir)
     fold_dir = layout.fold_dir(run_dir, fold)
+    check_resumable_checkpoint(cfg, fold_dir)
+    setup = set_up_run(cfg, fold)  # writes nothing into the run folder
     lock = (exclusive(layout.fold_lock(run_dir, fold), fold_dir, "training run")
             if _is_first_process() else contextlib.nullcontext())
     with lock:
@@ -178,16 +179,22 @@ def fold_state(cfg: DictConfig, fold_dir: Path, record: RunRecord) -> dict | Non
         if _is_first_process():
             _set_aside_validation(fold_dir, epochs)
         return None
-    last = layout.checkpoint(fold_dir)
-    if cfg.resume and last.is_file():
+    if cfg.resume and layout.checkpoint(fold_dir).is_file():
         _refuse_other_settings(fold_dir, previous, record, "was partly trained (resume=true)")
-        # a damaged or foreign last.ckpt is refused now, before preprocessing; nothing is moved or deleted
-        try:
-            load_weights_only(last, mmap=True)
-        except CheckpointError as e:
-            raise CheckpointError(f"{e}; to train the fold again, move {last.name} aside (overwrite=true sets "
-                                  "the whole fold folder aside)") from None
     return None
+
+
+def check_resumable_checkpoint(cfg: DictConfig, fold_dir: Path) -> None:
+    """A damaged or foreign last.ckpt that an unfinished fold would resume from is refused first, before any data
+    is read or generated; nothing is moved or deleted."""
+    last = layout.checkpoint(fold_dir)
+    if cfg.overwrite or not cfg.resume or not last.is_file() or (fold_dir / layout.METRICS).is_file():
+        return
+    try:
+        load_weights_only(last, mmap=True)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; to train the fold again, move {last.name} aside (overwrite=true sets "
+                              "the whole fold folder aside)") from None
 
 
 # ---- 3. module, data and trainer -------------------------------------------------------------------------
