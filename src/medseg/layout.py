@@ -7,8 +7,17 @@
             config.yaml, plan.json          the composed config and the plan
             model_summary.json
             checkpoints/last.ckpt, best.ckpt
-            validation/<case>.nii.gz, per_case.csv, postprocessing_candidates.csv
+            validation/<case>.<the labels' format>, per_case.csv, postprocessing_candidates.csv
+            predicted_next_stage/<next stage>/<case>.npy
+                                            3d_lowres folds only: each held-out case's predicted label map on the
+                                            next stage's (3d_cascade_fullres = 3d_fullres) preprocessed grid
             metrics.json                    written last: its presence marks the fold finished
+
+Previous-stage predictions (nnU-Net's "predicted_next_stage") live in the fold that held the case out: a cascade
+trains each case on the prediction of the one 3d_lowres fold that did not train on it (its validation fold), found
+as ``next_stage_file(fold_dir(lowres_run, fold of the case), ...)``. Kept per fold (nnU-Net keeps one folder per
+run), so that which fold made a file is its path, and a fold set aside (overwrite=true) or extended takes its
+predictions with it. Stored as plain .npy (int8/int16) so that training memory-maps them like the cached images.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ VALIDATION = "validation"
 PER_CASE = "per_case.csv"
 CANDIDATES = "postprocessing_candidates.csv"
 POSTPROCESSING = "postprocessing.json"
+NEXT_STAGE = "predicted_next_stage"
 
 
 def fold_name(fold: int | str) -> str:
@@ -91,3 +101,12 @@ def find_runs(experiment_dir: Path) -> list[Path]:
 
 def checkpoint(fold: Path, which: str = "last") -> Path:
     return fold / CHECKPOINTS / f"{which}.ckpt"
+
+
+def next_stage_dir(fold: Path, next_stage: str) -> Path:
+    """Where a 3d_lowres fold keeps its held-out cases' predictions for ``next_stage`` (3d_cascade_fullres)."""
+    return Path(fold) / NEXT_STAGE / next_stage
+
+
+def next_stage_file(fold: Path, next_stage: str, case_id: str) -> Path:
+    return next_stage_dir(fold, next_stage) / f"{case_id}.npy"

@@ -53,6 +53,8 @@ class RunRecord:
     num_workers: int
     plan_key: str  # the plan's fingerprint key: the data and planning the patches come from
     validation: dict[str, Any]
+    # a cascade stage's inputs: {"configuration", "run" (relative to this run's folder), "folds"}; None otherwise
+    previous_stage: dict[str, Any] | None = None
     version: int = RECORD_VERSION
 
     # settings that change what a finished fold's weights or scores mean; the rest (workers, where

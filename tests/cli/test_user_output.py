@@ -197,7 +197,7 @@ def test_predict_says_where_its_results_went(synthetic_root, tmp_path):
 
     manifest = build_manifest("msd", root=str(synthetic_root))
     plan = plan_dataset(compute_fingerprint(manifest, num_processes=1, progress=False), manifest.channel_names,
-                        manifest.labels, PlannerSettings(patch_size=[16, 16, 16], base_features=4))
+                        manifest.label_scheme, PlannerSettings(patch_size=[16, 16, 16], base_features=4))
     run = tmp_path / "run"
     save_untrained_checkpoint(plan, "3d_fullres", run / "fold_0" / "checkpoints" / "last.ckpt")
     listing = tmp_path / "lists" / "cases.txt"

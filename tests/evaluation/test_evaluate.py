@@ -278,3 +278,28 @@ def test_cv_summary_reports_every_metric_and_its_mean_over_classes(tmp_path):
         assert f"| unet__dice_ce | all | {metric} |" in table and f"| unet__dice_ce | fold_1 | {metric} |" in table
     assert "| unet__dice_ce | all | dice_a | 0.8600 |" in table  # (1 + 0.9) * 2 folds and the old 0.5, over 5
     assert "| unet__dice_ce | fold_0 | hd95_a | 1.0000 | 1.0000 | 2 |" in table
+
+
+def test_regions_per_label_and_ignore_from_an_nnunet_dataset_json(tmp_path):
+    """Regions are scored from the label maps (whole = {1, 2}, inner = {2}); per_label adds each value; reference
+    voxels holding the ignore label (3) count in no class."""
+    ref = np.zeros((8, 8, 8), np.uint8)
+    ref[2:6, 2:6, 2:6] = 1
+    ref[3:5, 3:5, 3:5] = 2
+    ref[:, :, 7] = 3  # unannotated
+    pred = ref.copy()
+    pred[:, :, 7] = 1  # whatever is predicted there is not scored
+    pred[3:5, 3:5, 3:5] = 1  # the inner region missed
+    _save(tmp_path / "ref" / "a.nii.gz", ref)
+    _save(tmp_path / "pred" / "a.nii.gz", pred)
+    (tmp_path / "dataset.json").write_text(json.dumps({
+        "labels": {"background": 0, "whole": [1, 2], "inner": [2], "ignore": 3}, "regions_class_order": [1, 2]}))
+    rows, summary = evaluate_folders(tmp_path / "pred", tmp_path / "ref", labels=tmp_path / "dataset.json",
+                                     num_processes=1, per_label=True)
+    assert summary["classes"] == {"1": "whole", "2": "inner", "3": "label_1", "4": "label_2"}
+    assert rows[0]["dice_whole"] == 1.0 and rows[0]["dice_inner"] == 0.0 and rows[0]["dice_label_2"] == 0.0
+    # label 1: predicted 64 voxels (56 + the 8 of the inner cube), reference 56, overlap 56
+    assert rows[0]["dice_label_1"] == pytest.approx(2 * 56 / (64 + 56))
+    assert summary["unscored_label_values"] == []
+    with pytest.raises(MedsegError, match="per_label=true needs labels="):
+        evaluate_folders(tmp_path / "pred", tmp_path / "ref", num_processes=1, per_label=True)

@@ -34,7 +34,8 @@ def save_untrained_checkpoint(plan, configuration: str, path: Path, model: str =
 def tiny_plan(synthetic_root):
     manifest = build_manifest("msd", root=str(synthetic_root))
     fp = compute_fingerprint(manifest, num_processes=1, progress=False)
-    return plan_dataset(fp, manifest.channel_names, manifest.labels, PlannerSettings(patch_size=PATCH, base_features=4))
+    return plan_dataset(fp, manifest.channel_names, manifest.label_scheme,
+                        PlannerSettings(patch_size=PATCH, base_features=4))
 
 
 @pytest.fixture(scope="session")

@@ -8,15 +8,23 @@ import pytest
 import torch
 
 from medseg.datasets.io import read_image
+from medseg.datasets.labels import LabelScheme, Region
 from medseg.inference import predictor as predictor_module
 from medseg.inference.predictor import Predictor, load_checkpoint, resample_rows
 from medseg.preprocessing.pipeline import CaseProperties, logits_to_original
 
 
+PLAIN = LabelScheme({0: "background", 1: "a", 2: "b"})
+REGIONS = LabelScheme({0: "background", 1: "a", 2: "b"}, (Region("ab", (1, 2)), Region("b", (2,)), Region("a", (1,))),
+                      (1, 2, 1))
+
+
+@pytest.mark.parametrize("scheme", [PLAIN, REGIONS], ids=["labels", "regions"])
 @pytest.mark.parametrize("transpose", [[0, 1, 2], [2, 0, 1], [1, 2, 0]])
-def test_slab_wise_way_back_equals_logits_to_original(transpose):
+def test_slab_wise_way_back_equals_logits_to_original(transpose, scheme):
     gen = torch.Generator().manual_seed(0)
-    plan = SimpleNamespace(transpose=transpose, transpose_backward=[transpose.index(a) for a in range(3)])
+    plan = SimpleNamespace(transpose=transpose, transpose_backward=[transpose.index(a) for a in range(3)],
+                           label_scheme=scheme)
     original = [23, 17, 20]  # array order
     transposed = [original[a] for a in transpose]
     box = [[2, transposed[0] - 3], [0, transposed[1]], [4, transposed[2] - 1]]
@@ -24,6 +32,8 @@ def test_slab_wise_way_back_equals_logits_to_original(transpose):
     logits = torch.randn(3, 9, 14, 11, generator=gen)  # preprocessed grid: every axis resampled
     props = CaseProperties("c", original, [1.0] * 3, box, after_crop, list(logits.shape[1:]))
     expected = logits_to_original(logits, props, plan)
+    cropped_away = expected.permute(0, *[a + 1 for a in transpose])[:, 0]  # planning axis 0, row 0
+    assert scheme.logits_to_labels(cropped_away, 0).eq(0).all()  # background there, whichever output kind
     for step in (1, 4, 23):
         rows = [predictor_module._rows_on_input_grid(logits, props, plan, s, min(s + step, original[0]))
                 for s in range(0, original[0], step)]

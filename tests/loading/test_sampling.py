@@ -86,3 +86,45 @@ def test_2d_forced_patches_choose_the_slice_uniformly_not_by_voxel_count():
     slices = [int(sample_patch(data, label, locs, [8, 8], rng, True)[0].max()) for _ in range(400)]
     share = slices.count(1) / len(slices)
     assert set(slices) == {1, 4} and 0.4 < share < 0.6
+
+
+def test_with_an_ignore_label_every_patch_is_centred_on_an_annotated_voxel():
+    """Sparse annotation: one annotated slice in a volume of ignore (3). Patches that need no foreground are
+    centred on an annotated voxel (nnU-Net's loader), so each holds annotated voxels; forced ones hold the class."""
+    from medseg.datasets.labels import ANNOTATED
+
+    data = np.zeros((1, 40, 40, 40), np.float32)
+    label = np.full((40, 40, 40), 3, np.int8)
+    label[30] = 0
+    label[30, 5:8, 30:34] = 1
+    locations = {**class_locations(label, [1, 2]), **class_locations(label != 3, [True], key=ANNOTATED)}
+    assert set(locations) == {1, 2, ANNOTATED} and len(locations[2]) == 0
+    rng = np.random.default_rng(0)
+    for force in (False, True):
+        for _ in range(30):
+            _, y = sample_patch(data, label, locations, [12, 12, 12], rng, force_foreground=force)
+            assert (y != 3).any() and (not force or (y == 1).any())
+    # without the annotated locations, random patches mostly miss the one annotated slice
+    plain = {k: v for k, v in locations.items() if k != ANNOTATED}
+    misses = sum(not (sample_patch(data, label, plain, [12, 12, 12], rng, False)[1] != 3).any() for _ in range(30))
+    assert misses > 10
+
+
+def test_region_groups_choose_a_region_then_a_voxel_of_any_of_its_values():
+    """Regions (BraTS: [1, 2, 3], [2, 3], [3]): a forced patch picks a present region uniformly, then a voxel of
+    any value in it; a region whose values are absent from the case is never chosen."""
+    label = np.zeros((1, 60, 60), np.int8)
+    label[0, 5, 5] = 1
+    label[0, 50, 50] = 2
+    locations = class_locations(label, [1, 2, 3])
+    rng = np.random.default_rng(0)
+    hits = {(5, 5): 0, (50, 50): 0}
+    for _ in range(600):
+        _, y = sample_patch(label[None].astype(np.float32), label, locations, [1, 1, 1], rng, True,
+                            groups=[(1, 2, 3), (2, 3), (3,)])
+        hits[(5, 5)] += int(y[0, 0, 0] == 1)
+        hits[(50, 50)] += int(y[0, 0, 0] == 2)
+    # region (1,2,3) gives either voxel (1/2 each), region (2,3) always voxel 2, region (3,) is absent:
+    # voxel 1 in 1/4 of the draws, voxel 2 in 3/4
+    assert hits[(5, 5)] + hits[(50, 50)] == 600
+    assert abs(hits[(5, 5)] / 600 - 0.25) < 0.06

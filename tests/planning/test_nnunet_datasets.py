@@ -43,5 +43,5 @@ def test_medseg_fingerprint_and_plan_equal_nnunet(kind, tmp_path):
     theirs = ref["foreground_intensity_properties_per_channel"]["0"]
     for key in ("mean", "std", "median", "percentile_00_5", "percentile_99_5"):
         assert getattr(fp.intensity[0], key) == pytest.approx(theirs[key], rel=0.01, abs=1.0), key
-    plan = plan_dataset(fp, manifest.channel_names, manifest.labels, PlannerSettings())
+    plan = plan_dataset(fp, manifest.channel_names, manifest.label_scheme, PlannerSettings())
     assert_plan_matches(plan, fixture["plans"])

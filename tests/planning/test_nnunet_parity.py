@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from medseg.planning.fingerprint import CaseFingerprint, ChannelIntensity, DatasetFingerprint
+from medseg.datasets.labels import scheme_from_nnunet
 from medseg.planning.planner import PlannerSettings, feature_map_elements, plan_dataset, topology
 
 FIXTURES = sorted((Path(__file__).parent / "fixtures").glob("nnunet_*.json"))
@@ -31,7 +32,7 @@ def test_plan_equals_nnunet(path):
     fixture = json.loads(path.read_text())
     ds = fixture["dataset_json"]
     channels = [ds["channel_names"][k] for k in sorted(ds["channel_names"], key=int)]
-    labels = {v: k for k, v in ds["labels"].items()}
+    labels = scheme_from_nnunet(ds["labels"], ds.get("regions_class_order"), str(path))
     plan = plan_dataset(fingerprint_from_nnunet(fixture), channels, labels,
                         PlannerSettings(preset=PRESET[fixture["planner"]["class"]]))
     assert_plan_matches(plan, fixture["plans"])

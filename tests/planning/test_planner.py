@@ -25,7 +25,7 @@ def test_fingerprint_of_hippocampus(hippo_fingerprint):
 
 def test_hippocampus_3d_fullres_matches_nnunet(hippo_fingerprint):
     manifest, fp = hippo_fingerprint
-    plan = plan_dataset(fp, manifest.channel_names, manifest.labels, PlannerSettings())
+    plan = plan_dataset(fp, manifest.channel_names, manifest.label_scheme, PlannerSettings())
     c = plan.configuration("3d_fullres")
     assert c.spacing == [1.0, 1.0, 1.0]
     assert c.median_shape == [36, 50, 35]  # (z, y, x), as nnU-Net reports it
@@ -46,12 +46,12 @@ def test_hippocampus_3d_fullres_matches_nnunet(hippo_fingerprint):
 def test_overrides_are_used_and_recorded(hippo_fingerprint):
     manifest, fp = hippo_fingerprint
     settings = PlannerSettings(patch_size=[32, 48, 32], batch_size=3, base_features=8)
-    plan = plan_dataset(fp, manifest.channel_names, manifest.labels, settings)
+    plan = plan_dataset(fp, manifest.channel_names, manifest.label_scheme, settings)
     c = plan.configuration("3d_fullres")
     assert c.patch_size == [32, 48, 32] and c.batch_size == 3 and c.features == [8, 16, 32, 64]
     assert plan.overridden == ["base_features", "patch_size", "batch_size"]
     with pytest.raises(ConfigError, match="not divisible"):
-        plan_dataset(fp, manifest.channel_names, manifest.labels, PlannerSettings(patch_size=[36, 48, 32]))
+        plan_dataset(fp, manifest.channel_names, manifest.label_scheme, PlannerSettings(patch_size=[36, 48, 32]))
 
 
 def test_topology_of_anisotropic_spacing():

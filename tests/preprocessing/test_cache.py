@@ -15,7 +15,7 @@ from medseg.preprocessing.pipeline import logits_to_original, preprocess_image
 def _plan(root, **settings):
     manifest = build_manifest("msd", root=str(root))
     fp = compute_fingerprint(manifest, num_processes=1, progress=False)
-    return manifest, plan_dataset(fp, manifest.channel_names, manifest.labels, PlannerSettings(**settings))
+    return manifest, plan_dataset(fp, manifest.channel_names, manifest.label_scheme, PlannerSettings(**settings))
 
 
 def test_rerun_is_a_noop_and_a_changed_plan_redoes_the_cases(synthetic_root, tmp_path):

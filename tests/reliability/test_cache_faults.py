@@ -23,7 +23,7 @@ from medseg.preprocessing.cache import case_key, preprocess_dataset
 def _plan(root, **settings):
     manifest = build_manifest("msd", root=str(root))
     fp = compute_fingerprint(manifest, num_processes=1, progress=False)
-    return manifest, plan_dataset(fp, manifest.channel_names, manifest.labels, PlannerSettings(**settings))
+    return manifest, plan_dataset(fp, manifest.channel_names, manifest.label_scheme, PlannerSettings(**settings))
 
 
 def _keys(manifest, plan):

@@ -71,7 +71,8 @@ def _nothing_written(root):
     ("+trainer.max_epoch=2", "trainer: unknown key(s) ['max_epoch']"),
     ("+optimizer.lrr=0.1", "optimizer:"),
     ("fold=minus", "fold='minus'"),
-    ("configuration=3d_cascade_fullres", "cannot be trained"),
+    ("configuration=3d_cascade", "cannot be trained"),
+    ("+cascade.previous_stage=x", "cascade: unknown key(s) ['previous_stage']"),
 ])
 def test_bad_overrides_fail_before_any_data_work(tmp_path, override, message):
     with pytest.raises(ConfigError) as e:

@@ -33,7 +33,7 @@ def _reference_counts(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> np
 def test_confusion_counts_over_a_batch_match_a_voxelwise_count():
     g = torch.Generator().manual_seed(0)
     pred, ref = torch.randint(0, 4, (3, 5, 6, 4), generator=g), torch.randint(0, 4, (3, 5, 6, 4), generator=g)
-    counts = confusion_counts(pred, ref, 4)
+    counts = confusion_counts(pred, ref, [(1,), (2,), (3,)])
     assert counts.shape == (3, 3) and counts.dtype == torch.float64
     assert np.array_equal(counts.numpy(), _reference_counts(pred.numpy(), ref.numpy(), 4))
 

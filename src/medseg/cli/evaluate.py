@@ -21,7 +21,7 @@ def main(cfg: DictConfig) -> None:
     output = Path(cfg.output) if cfg.output else default_output(Path(cfg.pred))
     _, summary = evaluate_folders(Path(cfg.pred), Path(cfg.ref), labels=_plain(cfg.labels),
                                   tolerance_mm=_plain(cfg.tolerance_mm), num_processes=int(cfg.num_processes),
-                                  output=output, progress=True)
+                                  output=output, progress=True, per_label=bool(cfg.per_label))
     print(format_table(summary))
     print(f"\nper-case scores: {output / 'per_case.csv'}\nsummary: {output / 'summary.json'}")
 

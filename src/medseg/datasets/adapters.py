@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Callable
 
 from medseg.config_keys import accepted_keys, check_keys
-from medseg.datasets.io import IMAGE_SUFFIXES, strip_suffix
+from medseg.datasets.io import IMAGE_SUFFIXES, NATURAL_SUFFIXES, strip_suffix
+from medseg.datasets.labels import scheme_from_nnunet, scheme_from_values
 from medseg.datasets.manifest import Case, Manifest
 from medseg.errors import DatasetError
 
@@ -89,7 +90,10 @@ def msd(root: str, name: str | None = None, num_folds: int = 5, allow_outside_ro
     root_p = Path(root)
     meta_path, meta = _dataset_json(root_p, ("modality", "labels", "training"))
     channels = [meta["modality"][k] for k in sorted(meta["modality"], key=int)]
-    labels = {int(k): v for k, v in meta["labels"].items()}
+    try:
+        labels = dict(scheme_from_values({int(k): v for k, v in meta["labels"].items()}).labels)
+    except DatasetError as e:
+        raise DatasetError([f"{meta_path}: {p}" for p in e.problems], str(root_p)) from None
     inside = _Paths(root_p, allow_outside_root)
     cases = []
     for i, pair in enumerate(meta["training"]):
@@ -105,11 +109,7 @@ def nnunet_raw(root: str, name: str | None = None, num_folds: int = 5) -> Manife
     root_p = Path(root)
     meta_path, meta = _dataset_json(root_p, ("channel_names", "labels", "file_ending"))
     channels = [meta["channel_names"][k] for k in sorted(meta["channel_names"], key=int)]
-    labels = {}
-    for label_name, value in meta["labels"].items():
-        if isinstance(value, (list, tuple)):
-            raise DatasetError([f"{meta_path}: region-based label {label_name!r} is not supported"], str(root_p))
-        labels[int(value)] = label_name
+    scheme = scheme_from_nnunet(meta["labels"], meta.get("regions_class_order"), str(meta_path))
     ending = meta["file_ending"]
     label_dir = root_p / "labelsTr"
     if not label_dir.is_dir():
@@ -119,11 +119,24 @@ def nnunet_raw(root: str, name: str | None = None, num_folds: int = 5) -> Manife
         if not label.name.endswith(ending):
             continue
         case_id = label.name[: -len(ending)]
-        images = [str((root_p / "imagesTr" / f"{case_id}_{c:04d}{ending}").resolve()) for c in range(len(channels))]
+        images = _channel_files(root_p / "imagesTr", case_id, ending, len(channels))
         cases.append(Case(case_id, images, str(label.resolve())))
     if not cases:
         raise DatasetError([f"{label_dir}: no label files ending in {ending!r}"], str(root_p))
-    return Manifest(name or root_p.name, channels, labels, cases, num_folds, str(root_p.resolve()))
+    return Manifest(name or root_p.name, channels, dict(scheme.labels), cases, num_folds, str(root_p.resolve()),
+                    regions=list(scheme.regions), regions_class_order=list(scheme.regions_class_order))
+
+
+def _channel_files(folder: Path, case_id: str, ending: str, num_channels: int) -> list[str]:
+    """``<case>_<cccc><ending>`` for each declared channel. A natural image (PNG/BMP/TIFF) holds its colour
+    channels in one file (nnU-Net: channel_names R, G, B with only ``<case>_0000.png``): where only that first
+    file exists, it is the case's one image and its channel count is checked when it is read. A missing channel
+    file otherwise stays in the list and is reported by name when read."""
+    files = [folder / f"{case_id}_{c:04d}{ending}" for c in range(num_channels)]
+    if (num_channels > 1 and ending.lower() in NATURAL_SUFFIXES and files[0].is_file()
+            and not any(f.exists() for f in files[1:])):
+        files = files[:1]
+    return [str(f.resolve()) for f in files]
 
 
 @register_adapter("manifest")

@@ -1,6 +1,8 @@
 """Reading and writing volumes with their geometry.
 
 NIfTI goes through nibabel (keeps the exact affine and header); NRRD/MHA/other ITK formats through SimpleITK.
+2D natural images (PNG, BMP, TIFF) go through SimpleITK too and are read as nnU-Net v2's NaturalImage2DIO reads
+them: one slice of a 3D volume with spacing (999, 1, 1), a colour image's channels as a trailing channel axis.
 Arrays are channel-first with spatial axes in SimpleITK's (z, y, x) order, the file's last voxel axis first,
 whatever the format: the order nnU-Net plans in, so that tie-breaks between axes (slice axis of the 2d
 configuration, which axis shrinks first) agree with it. ``spacing[k]`` belongs to array axis k.
@@ -22,7 +24,11 @@ from medseg.errors import VolumeError, WriteError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
-IMAGE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
+NATURAL_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES + NATURAL_SUFFIXES
+# nnU-Net's spacing for natural images: pixels carry no physical size, and the slice axis is made far coarser
+# than the pixels so that planning makes the 2d configuration only
+NATURAL_SPACING = (999.0, 1.0, 1.0)
 
 
 def image_suffix(path: str | Path) -> str:
@@ -46,13 +52,19 @@ class Geometry:
     shape: tuple[int, ...]  # spatial shape, array (z, y, x) order
     spacing: tuple[float, ...]  # array order
     affine: np.ndarray  # 4x4, file voxel index (i, j, k) -> world (RAS for NIfTI, LPS for ITK formats)
-    kind: str  # "nifti" or "itk"
+    kind: str  # "nifti", "itk" or "natural" (a 2D PNG/BMP/TIFF: shape (1, y, x), no world frame)
     header: object | None = field(default=None, repr=False)  # nibabel header, reused on write
     direction: tuple[float, ...] | None = None  # ITK direction cosines
     origin: tuple[float, ...] | None = None  # ITK origin
 
     def same_grid(self, other: "Geometry", atol: float = 1e-4) -> bool:
         return self.shape == other.shape and np.allclose(self.affine, other.affine, atol=atol)
+
+
+def natural_geometry(height: int, width: int) -> Geometry:
+    """A 2D image's grid as a one-slice volume; the affine only carries NATURAL_SPACING (file order x, y, z)."""
+    affine = np.diag([NATURAL_SPACING[2], NATURAL_SPACING[1], NATURAL_SPACING[0], 1.0])
+    return Geometry((1, int(height), int(width)), NATURAL_SPACING, affine, "natural")
 
 
 def _spacing_from_affine(affine: np.ndarray) -> tuple[float, ...]:
@@ -98,6 +110,7 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, Geometry]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
     nifti = image_suffix(path) in NIFTI_SUFFIXES
+    natural = image_suffix(path) in NATURAL_SUFFIXES
     try:
         if nifti:
             img = nib.load(str(path))  # the header only; voxels are read below
@@ -112,10 +125,14 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, Geometry]:
             itemsize = probe.GetSizeOfPixelComponent()
     except Exception as e:  # noqa: BLE001 - whatever the reader says, the file is not a readable image
         raise VolumeError(f"{path}: not a readable image ({_cause(e)})") from None
+    if natural:
+        _check_natural_size(path, reader)
     check_volume_size(path, shape, itemsize)
     try:
         if nifti:
             return _read_nifti_data(img)
+        if natural:
+            return _read_natural_data(path, reader.Execute())
         return _read_itk_data(reader.Execute())
     except MemoryError:
         raise
@@ -145,12 +162,62 @@ def _read_itk_data(img) -> tuple[np.ndarray, Geometry]:
     return data, geo
 
 
+def _check_natural_size(path: Path, reader) -> None:
+    """A natural image is one 2D picture; a multi-page TIFF is a stack nnU-Net reads with another reader (with
+    spacing from a side file), so it is refused here rather than guessed at."""
+    size = tuple(reader.GetSize())
+    if len(size) == 3 and size[2] == 1:
+        return
+    if len(size) != 2:
+        raise VolumeError(f"{path}: a {'x'.join(map(str, size))} {len(size)}D image; .png/.bmp/.tif files are read "
+                          "as single 2D images: store volumes as NIfTI, NRRD or MHA")
+
+
+def _read_natural_data(path: Path, img) -> tuple[np.ndarray, Geometry]:
+    """(1, y, x) grey or (1, y, x, c) colour, on its natural_geometry."""
+    data = sitk.GetArrayFromImage(img)  # (y, x) or (y, x, c)
+    if img.GetDimension() == 3:  # a TIFF with one page: (1, y, x[, c])
+        data = data[0]
+    if _grey_palette_bmp(path, data):
+        data = data[..., 0]
+    return data[None], natural_geometry(data.shape[0], data.shape[1])
+
+
+def _grey_palette_bmp(path: Path, data: np.ndarray) -> bool:
+    """ITK expands every 8-bit (palette) BMP to RGB, also greyscale ones, which other readers (Pillow, so
+    nnU-Net) and medseg's own label writer treat as single-channel: such a file is grey again when its
+    three channels agree everywhere."""
+    if image_suffix(path) != ".bmp" or data.ndim != 3 or data.shape[-1] != 3:
+        return False
+    with open(path, "rb") as f:
+        head = f.read(30)
+    # bit depth: offset 24 in the old 12-byte OS/2 header, else 28
+    at = 24 if int.from_bytes(head[14:18], "little") == 12 else 28
+    bits = int.from_bytes(head[at:at + 2], "little")
+    return bits <= 8 and bool((data[..., 0] == data[..., 1]).all() and (data[..., 0] == data[..., 2]).all())
+
+
+_COLOUR_KIND = {2: "greyscale + alpha", 3: "RGB, or a colour palette", 4: "RGBA"}
+
+
+def _natural_channels(data: np.ndarray) -> int:
+    return int(data.shape[-1]) if data.ndim == 4 else 1
+
+
+def check_natural_image(path: str | Path, data: np.ndarray) -> None:
+    """A natural image holds 1 (grey) or 3 (RGB) channels; an alpha channel is refused rather than trained on."""
+    channels = _natural_channels(data)
+    if channels not in (1, 3):
+        raise VolumeError(f"{path}: {channels} colour channels ({_COLOUR_KIND.get(channels, 'unknown')}); a 2D "
+                          "image must be greyscale or RGB (3 channels): save it without the alpha channel")
+
+
 def orientation(geometry: Geometry) -> str:
     """Axis codes of the file's voxel axes in RAS world terms (e.g. ``RAS``, ``LPS``, ``PIR``), whatever the
     format (ITK formats store LPS coordinates)."""
     ndim = len(geometry.shape)
     affine = np.asarray(geometry.affine, dtype=np.float64)
-    if ndim != 3:
+    if ndim != 3 or geometry.kind == "natural":  # a picture has no world orientation
         return ""
     if geometry.kind == "itk":
         affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
@@ -172,6 +239,8 @@ def read_image(paths: Sequence[str | Path]) -> tuple[np.ndarray, Geometry]:
     geometry: Geometry | None = None
     for p in paths:
         data, geo = read_volume(p)
+        if geo.kind == "natural":
+            check_natural_image(p, data)
         if data.ndim in (2, 3):
             data = data[None]
         elif data.ndim == 4:
@@ -191,6 +260,10 @@ def read_label(path: str | Path) -> tuple[np.ndarray, Geometry]:
     """Read a label map as int16 (z, y, x); some datasets store labels as float, values must still be integers."""
     data, geo = read_volume(path)
     data = np.asarray(data)
+    if geo.kind == "natural" and _natural_channels(data) > 1:
+        channels = _natural_channels(data)
+        raise VolumeError(f"{path}: a label image must have one channel holding the label values, this one has "
+                          f"{channels} ({_COLOUR_KIND.get(channels, 'colour')}): save it as a greyscale image")
     if data.ndim == 4 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -210,6 +283,8 @@ def write_label(label: np.ndarray, geometry: Geometry, path: str | Path) -> None
     path = Path(path)
     if tuple(label.shape) != tuple(geometry.shape):
         raise ValueError(f"{path}: label shape {label.shape} does not match the target grid {geometry.shape}")
+    if image_suffix(path) in NATURAL_SUFFIXES:
+        _check_natural_label(label, path)
     try:
         with atomic_path(path, suffix=image_suffix(path)) as tmp:
             _write_label(label, geometry, path, tmp)
@@ -218,8 +293,29 @@ def write_label(label: np.ndarray, geometry: Geometry, path: str | Path) -> None
         raise WriteError(f"{path}: cannot write ({reason}); nothing was replaced") from e
 
 
+def _natural_dtype(label: np.ndarray) -> type:
+    # as nnU-Net's NaturalImage2DIO: 8-bit where the values fit, else 16-bit (PNG and TIFF hold unsigned only)
+    return np.uint8 if label.max(initial=0) < 256 else np.uint16
+
+
+def _check_natural_label(label: np.ndarray, path: Path) -> None:
+    """A 2D image file holds one slice of non-negative values its format can store; refused before writing."""
+    if label.ndim != 3 or label.shape[0] != 1:
+        raise WriteError(f"{path}: a {'x'.join(map(str, label.shape))} label map is not one 2D slice, which is all "
+                         f"a {image_suffix(path)} file holds; nothing was written")
+    low, high = int(label.min(initial=0)), int(label.max(initial=0))
+    limit = 255 if image_suffix(path) == ".bmp" else 65535  # ITK writes 8-bit BMP only
+    if low < 0 or high > limit:
+        raise WriteError(f"{path}: label values {low}..{high} do not fit a {image_suffix(path)} file (0..{limit}); "
+                         "nothing was written")
+
+
 def _write_label(label: np.ndarray, geometry: Geometry, path: Path, tmp: Path) -> None:
     suffix = image_suffix(path)
+    if suffix in NATURAL_SUFFIXES:  # the 2D picture only: pixels have no spacing or position
+        sitk.WriteImage(sitk.GetImageFromArray(np.asarray(label[0], dtype=_natural_dtype(label))), str(tmp),
+                        useCompression=True)
+        return
     label = np.asarray(label, dtype=np.uint8 if label.max(initial=0) < 256 else np.int16)
     ndim = label.ndim
     if suffix in NIFTI_SUFFIXES:

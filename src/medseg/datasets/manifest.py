@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.atomic import write_json
+from medseg.datasets.labels import LabelScheme, Region
 from medseg.errors import DatasetError
 
 MANIFEST_VERSION = 1
@@ -33,14 +34,16 @@ class Manifest:
     root: str = ""  # paths in a saved manifest are relative to it where possible
     version: int = MANIFEST_VERSION
     extra: dict = field(default_factory=dict)
+    regions: list[Region] = field(default_factory=list)  # nnU-Net's region-based labels (datasets/labels.py)
+    regions_class_order: list[int] = field(default_factory=list)
 
     @property
     def num_channels(self) -> int:
         return len(self.channel_names)
 
     @property
-    def num_classes(self) -> int:
-        return len(self.labels)
+    def label_scheme(self) -> LabelScheme:
+        return LabelScheme(self.labels, tuple(self.regions), tuple(self.regions_class_order))
 
     def case(self, case_id: str) -> Case:
         for c in self.cases:
@@ -76,6 +79,7 @@ class Manifest:
 
         d = asdict(self)
         d["labels"] = {str(k): v for k, v in self.labels.items()}
+        d["regions"] = [r.to_dict() for r in self.regions]
         d["cases"] = [{"case_id": c.case_id, "images": [rel(p) for p in c.images], "label": rel(c.label),
                        "fold": c.fold} for c in self.cases]
         return d
@@ -95,7 +99,9 @@ class Manifest:
         return cls(name=d["name"], channel_names=list(d["channel_names"]),
                    labels={int(k): v for k, v in d["labels"].items()}, cases=cases,
                    num_folds=int(d.get("num_folds", 5)), root=str(root or ""),
-                   version=int(d.get("version", MANIFEST_VERSION)), extra=d.get("extra", {}))
+                   version=int(d.get("version", MANIFEST_VERSION)), extra=d.get("extra", {}),
+                   regions=[Region.from_dict(r) for r in d.get("regions", [])],
+                   regions_class_order=[int(v) for v in d.get("regions_class_order", [])])
 
     def save(self, path: str | Path) -> None:
         write_json(path, self.to_dict())

@@ -22,9 +22,10 @@ from tqdm import tqdm
 
 from medseg.atomic import number, write_json
 from medseg.datasets.io import Geometry, image_suffix, read_label, strip_suffix
-from medseg.errors import ConfigError, MedsegError
+from medseg.datasets.labels import LabelScheme, scheme_from_nnunet, scheme_from_values
+from medseg.errors import ConfigError, DatasetError, MedsegError
 from medseg.evaluation.metrics import (DEFAULT_TOLERANCE_MM, METRICS, Tolerance, case_metrics, class_tolerances,
-                                       summarize, write_case_csv)
+                                       scheme_targets, summarize, write_case_csv)
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class CaseJob:
     case_id: str
     pred: Path
     ref: Path
-    labels: dict[int, str] | None  # None: every value found in either file
+    labels: Scoring | None  # None: every value found in either file
     tolerance_mm: Tolerance
 
 
@@ -79,7 +80,8 @@ def pair_cases(pred_dir: Path, ref_dir: Path) -> list[tuple[str, Path, Path]]:
     """(case, prediction, reference) for every case; all unmatched cases of both folders in one error."""
     preds, refs = list_cases(pred_dir, "prediction"), list_cases(ref_dir, "reference")
     if not refs:
-        raise MedsegError(f"no label files (.nii.gz, .nii, .nrrd, .mha) in the reference folder {ref_dir}")
+        raise MedsegError(f"no label files (.nii.gz, .nii, .nrrd, .mha, .png, .bmp, .tif) in the reference "
+                          f"folder {ref_dir}")
     no_pred, no_ref = sorted(set(refs) - set(preds)), sorted(set(preds) - set(refs))
     problems = []
     if no_pred:
@@ -91,22 +93,45 @@ def pair_cases(pred_dir: Path, ref_dir: Path) -> list[tuple[str, Path, Path]]:
     return [(case, preds[case], refs[case]) for case in sorted(refs)]
 
 
-def load_labels(spec: str | Path | Mapping) -> dict[int, str]:
-    """Foreground classes {value: name} from a mapping, or from an MSD (``{"1": "liver"}``) or nnU-Net v2
-    (``{"liver": 1}``) dataset.json (the file or its folder). Background (0) is left out."""
-    if isinstance(spec, Mapping):
-        raw = {int(k): str(v) for k, v in spec.items()}
-    else:
-        raw = _labels_from_json(Path(spec))
-    labels = {k: v for k, v in sorted(raw.items()) if k != 0}
-    if not labels:
+@dataclass(frozen=True)
+class Scoring:
+    """What is scored: classes {key: name}, the label values making up each (regions; None: the key's own
+    value) and the ignore label, whose reference voxels count in no class."""
+
+    names: dict[int, str]
+    members: dict[int, tuple[int, ...]] | None = None
+    ignore_label: int | None = None
+
+    @property
+    def values(self) -> set[int]:
+        """Every label value a scored file may hold."""
+        found = set().union(*self.members.values()) if self.members is not None else set(self.names)
+        return found | ({self.ignore_label} if self.ignore_label is not None else set())
+
+
+def load_labels(spec: str | Path | Mapping, per_label: bool = False) -> Scoring:
+    """The classes to score, from a mapping {value: name}, or from an MSD (``{"1": "liver"}``) or nnU-Net v2
+    (``{"liver": 1}``, regions and ``ignore`` included) dataset.json (the file or its folder). Background (0)
+    is left out; a class named ``ignore`` marks unannotated voxels. ``per_label``: with regions, each label
+    value is scored too (after the regions, named ``label_<value>``)."""
+    try:
+        scheme = scheme_from_values({int(k): str(v) for k, v in spec.items()}) if isinstance(spec, Mapping) \
+            else _scheme_from_json(Path(spec))
+    except DatasetError as e:
+        raise ConfigError(f"labels {spec}: {'; '.join(e.problems)}") from None
+    names, members = scheme_targets(scheme)
+    if per_label and scheme.has_regions:
+        for value in scheme.values[1:]:
+            key = len(names) + 1
+            names[key], members[key] = scheme.labels[value], (value,)
+    if not names:
         raise ConfigError(f"labels {spec}: no foreground classes")
-    if len(set(labels.values())) != len(labels):
-        raise ConfigError(f"labels {spec}: class names must be unique, got {labels}")
-    return labels
+    if len(set(names.values())) != len(names):
+        raise ConfigError(f"labels {spec}: class names must be unique, got {names}")
+    return Scoring(names, members if scheme.has_regions else None, scheme.ignore_label)
 
 
-def _labels_from_json(path: Path) -> dict[int, str]:
+def _scheme_from_json(path: Path) -> LabelScheme:
     path = path / "dataset.json" if path.is_dir() else path
     try:
         meta = json.loads(path.read_text())
@@ -118,13 +143,8 @@ def _labels_from_json(path: Path) -> dict[int, str]:
     if not isinstance(labels, dict):
         raise ConfigError(f"labels: {path} has no 'labels' mapping")
     if all(str(k).lstrip("-").isdigit() for k in labels):  # MSD: value -> name
-        return {int(k): str(v) for k, v in labels.items()}
-    out = {}
-    for name, value in labels.items():  # nnU-Net v2: name -> value
-        if not isinstance(value, int):
-            raise ConfigError(f"labels: {path}: label {name!r} is {value!r}; region-based labels are not supported")
-        out[value] = str(name)
-    return out
+        return scheme_from_values({int(k): str(v) for k, v in labels.items()})
+    return scheme_from_nnunet(labels, meta.get("regions_class_order"), str(path))  # nnU-Net v2: name -> value
 
 
 def check_output(output: Path, ref_dir: Path) -> None:
@@ -174,14 +194,16 @@ def evaluate_case(job: CaseJob) -> CaseResult:
     ref, ref_geo = _read(job.ref)
     check_same_grid(job.pred, pred_geo, job.ref, ref_geo)
     ref_values, pred_values = _values(ref), _values(pred)
-    names = job.labels if job.labels is not None else {c: str(c) for c in sorted(ref_values | pred_values)}
+    scoring = job.labels if job.labels is not None else \
+        Scoring({c: str(c) for c in sorted(ref_values | pred_values)})
+    names = scoring.names
     # without labels= this case sees only its own classes: keep the tolerance entries for those (the caller
     # checks the mapping against the full class list)
     tolerance = job.tolerance_mm
     if isinstance(tolerance, Mapping):
         known = {str(c) for c in names} | set(names.values())
         tolerance = {k: v for k, v in tolerance.items() if str(k) in known}
-    scores = case_metrics(pred, ref, names, ref_geo.spacing, tolerance)
+    scores = case_metrics(pred, ref, names, ref_geo.spacing, tolerance, scoring.members, scoring.ignore_label)
     return CaseResult(job.case_id, scores, ref_values, pred_values)
 
 
@@ -233,33 +255,36 @@ def _row(result: CaseResult, classes: Mapping[int, str]) -> dict:
 
 def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, labels: Mapping[int, str] | str | Path | None = None,
                      tolerance_mm: Tolerance = DEFAULT_TOLERANCE_MM, num_processes: int = 2,
-                     output: str | Path | None = None, progress: bool = False) -> tuple[list[dict], dict]:
+                     output: str | Path | None = None, progress: bool = False, per_label: bool = False,
+                     ) -> tuple[list[dict], dict]:
     """Score every prediction in ``pred_dir`` against the same-named reference in ``ref_dir``.
 
     ``labels``: {value: name}, or a dataset.json (MSD or nnU-Net v2) to read it from; default: every
     non-zero value found in the references, named by its value (other values found, such as ones only ever
     predicted, are listed as ``unscored_label_values``). ``tolerance_mm``: surface-Dice tolerance, one number or
-    {class: mm}.
+    {class: mm}. ``per_label``: see ``load_labels``.
     Writes ``<output>/per_case.csv`` and ``<output>/summary.json`` (default output: ``<pred_dir>/evaluation``,
     never inside ``ref_dir``); returns (per-case rows, summary).
     """
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
     output = Path(output) if output is not None else default_output(pred_dir)
     check_output(output, ref_dir)
-    label_map = load_labels(labels) if labels is not None else None
-    if label_map is not None:
-        class_tolerances(label_map, tolerance_mm)  # a misspelt class in the tolerances fails before any work
+    if per_label and labels is None:
+        raise ConfigError("per_label=true needs labels=<dataset.json> declaring the regions")
+    scoring = load_labels(labels, per_label) if labels is not None else None
+    if scoring is not None:
+        class_tolerances(scoring.names, tolerance_mm)  # a misspelt class in the tolerances fails before any work
     pairs = pair_cases(pred_dir, ref_dir)
-    jobs = [CaseJob(case, pred, ref, label_map, tolerance_mm) for case, pred, ref in pairs]
+    jobs = [CaseJob(case, pred, ref, scoring, tolerance_mm) for case, pred, ref in pairs]
     results = _run_all(jobs, num_processes, progress)
 
     ref_values = set().union(*(r.ref_values for r in results))
     pred_values = set().union(*(r.pred_values for r in results))
-    classes = label_map if label_map is not None else {c: str(c) for c in sorted(ref_values)}
+    classes = scoring.names if scoring is not None else {c: str(c) for c in sorted(ref_values)}
     if not classes:
         raise MedsegError(f"the references in {ref_dir} hold no foreground label; name the classes with labels=")
     tolerances = class_tolerances(classes, tolerance_mm)
-    unscored = sorted((pred_values | ref_values) - set(classes))
+    unscored = sorted((pred_values | ref_values) - (scoring.values if scoring is not None else set(classes)))
     if unscored:
         log.warning("label values %s are not classes (found only in predictions, or not in labels=): not scored",
                     unscored)

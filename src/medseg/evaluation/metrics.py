@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.atomic import atomic_path
+from medseg.datasets.labels import LabelScheme
 from medseg.errors import ConfigError
 
 METRICS = ("dice", "hd95", "nsd")
@@ -48,9 +49,13 @@ def _dice(p: np.ndarray, r: np.ndarray) -> float:
     return NAN if denom == 0 else 2.0 * int((p & r).sum()) / denom
 
 
-def dice_per_class(pred: np.ndarray, ref: np.ndarray, classes: list[int]) -> dict[int, float]:
-    """Dice per class; NaN where the class is absent from both (it then does not enter means)."""
-    return {c: _dice(pred == c, ref == c) for c in classes}
+def dice_per_class(pred: np.ndarray, ref: np.ndarray, classes: list[int], valid: np.ndarray | None = None,
+                   ) -> dict[int, float]:
+    """Dice per class; NaN where the class is absent from both (it then does not enter means). Only voxels
+    where ``valid`` (not the ignore label) count."""
+    if valid is None:
+        return {c: _dice(pred == c, ref == c) for c in classes}
+    return {c: _dice((pred == c) & valid, (ref == c) & valid) for c in classes}
 
 
 def class_tolerances(class_names: Mapping[int, str], tolerance_mm: Tolerance) -> dict[int, float]:
@@ -112,12 +117,32 @@ def class_metrics(p: np.ndarray, r: np.ndarray, spacing: Sequence[float], tolera
 
 
 def case_metrics(pred: np.ndarray, ref: np.ndarray, class_names: Mapping[int, str], spacing: Sequence[float],
-                 tolerance_mm: Tolerance = DEFAULT_TOLERANCE_MM) -> dict[str, float]:
+                 tolerance_mm: Tolerance = DEFAULT_TOLERANCE_MM, members: Mapping[int, Sequence[int]] | None = None,
+                 ignore_label: int | None = None) -> dict[str, float]:
     """One case's row: ``dice_<name>`` for every class, then ``hd95_<name>``, then ``nsd_<name>``.
-    ``pred`` and ``ref`` are label maps on the same grid, ``spacing`` in the arrays' axis order."""
+    ``pred`` and ``ref`` are label maps on the same grid, ``spacing`` in the arrays' axis order. ``members``: the
+    label values making up each class (regions; default: the class's own value). Voxels whose reference is
+    ``ignore_label`` count in no class (they were never annotated)."""
     tolerances = class_tolerances(class_names, tolerance_mm)
-    scores = {c: class_metrics(pred == c, ref == c, spacing, tolerances[c]) for c in class_names}
+    valid = None if ignore_label is None else ref != ignore_label
+
+    def mask(labels: np.ndarray, c: int) -> np.ndarray:
+        values = list(members[c]) if members is not None else [c]
+        m = labels == values[0] if len(values) == 1 else np.isin(labels, values)
+        return m & valid if valid is not None else m
+
+    scores = {c: class_metrics(mask(pred, c), mask(ref, c), spacing, tolerances[c]) for c in class_names}
     return {f"{m}_{name}": scores[c][m] for m in METRICS for c, name in class_names.items()}
+
+
+def scheme_targets(scheme: LabelScheme) -> tuple[dict[int, str], dict[int, tuple[int, ...]]]:
+    """(class_names, members) of what a dataset is scored on: its regions (keyed 1..R), or its foreground labels
+    (keyed by value), as ``case_metrics`` takes them."""
+    if scheme.has_regions:
+        return ({i: r.name for i, r in enumerate(scheme.regions, start=1)},
+                {i: r.values for i, r in enumerate(scheme.regions, start=1)})
+    names = {v: scheme.labels[v] for v in scheme.values if v != 0}
+    return names, {v: (v,) for v in names}
 
 
 def _finite(values) -> list[float]:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.errors import MedsegError
+from medseg.datasets.labels import IGNORE_NAME
 from medseg.evaluation.metrics import dice_per_class
 from medseg.inference.postprocessing import PostprocessingSpec, bounding_box, keep_largest_component
 from medseg.layout import CANDIDATES as CANDIDATES_FILE
@@ -26,28 +27,32 @@ _CANDIDATES = ("none", "allfg", "lcc", "allfg_lcc")  # column prefixes, see cand
 
 # ---- per-case candidates and the cross-validation decision ---------------------------------------------
 
-def candidate_rows(case_id: str, pred: np.ndarray, reference: np.ndarray, labels: dict[int, str]) -> dict:
+def candidate_rows(case_id: str, pred: np.ndarray, reference: np.ndarray, labels: dict[int, str],
+                   ignore_label: int | None = None) -> dict:
     """One case's Dice per class under each candidate, columns ``<candidate>_dice_<class name>``:
     none (raw prediction), allfg (all-foreground largest component), lcc (that class's largest component)
     and allfg_lcc (both, in apply_postprocessing's order). Keeping one class's component changes only that
-    class's Dice, so the lcc and allfg_lcc columns of a class are that class's Dice with only its own step."""
-    names = {c: n for c, n in labels.items() if c != 0}
+    class's Dice, so the lcc and allfg_lcc columns of a class are that class's Dice with only its own step.
+    Voxels whose reference is ``ignore_label`` are scored in no class (components still connect through them)."""
+    names = {c: n for c, n in labels.items() if c != 0 and c != ignore_label}
     classes = sorted(names)
     # every candidate only removes predicted voxels, so all Dice values are the same on the box around
     # prediction and reference together, which is usually far smaller than the scan
     box = bounding_box((pred != 0) | (reference != 0))
     if box is not None:
         pred, reference = pred[box], reference[box]
+    valid = None if ignore_label is None else reference != ignore_label
     allfg = keep_largest_component(pred, all_foreground=True)
-    none_dice = dice_per_class(pred, reference, classes)
-    allfg_dice = dice_per_class(allfg, reference, classes)
+    none_dice = dice_per_class(pred, reference, classes, valid)
+    allfg_dice = dice_per_class(allfg, reference, classes, valid)
     row: dict[str, str | float] = {"case_id": case_id}
     for c in classes:
-        lcc = dice_per_class(keep_largest_component(pred, [c]), reference, [c])[c]
+        lcc = dice_per_class(keep_largest_component(pred, [c]), reference, [c], valid)[c]
         # the all-foreground step only removes voxels: where it removed none of this class, the class's own
         # step gives the same result on either input, so label only once
         untouched = np.count_nonzero(allfg == c) == np.count_nonzero(pred == c)
-        allfg_lcc = lcc if untouched else dice_per_class(keep_largest_component(allfg, [c]), reference, [c])[c]
+        allfg_lcc = lcc if untouched else dice_per_class(keep_largest_component(allfg, [c]), reference, [c],
+                                                         valid)[c]
         for candidate, dice in zip(_CANDIDATES, (none_dice[c], allfg_dice[c], lcc, allfg_lcc)):
             row[f"{candidate}_dice_{names[c]}"] = dice
     return row
@@ -106,18 +111,27 @@ def decide(rows: list[dict], labels: dict[int, str]) -> tuple[PostprocessingSpec
 # ---- a run directory ------------------------------------------------------------------------------------
 
 def _run_labels(fold_dir: Path) -> dict[int, str]:
+    """The run's labels that post-processing decides on (the ignore label is none of them); a run with
+    region-based labels is refused: its candidates are not scored yet."""
     path = fold_dir / PLAN
     try:
-        return {int(k): v for k, v in json.loads(path.read_text())["labels"].items()}
+        plan = json.loads(path.read_text())
+        labels = {int(k): v for k, v in plan["labels"].items() if v != IGNORE_NAME}
     except (OSError, ValueError, KeyError) as e:
         raise MedsegError(f"{path}: cannot read the labels of the run ({e})") from e
+    if plan.get("regions"):
+        raise MedsegError(f"{fold_dir.parent}: the run has region-based labels; post-processing is decided for "
+                          "ordinary labels only, so its predictions are used as they are")
+    return labels
 
 
 def decide_for_run(run_dir: str | Path) -> tuple[PostprocessingSpec, dict]:
     """Decide from the candidates of every finished fold (fold_*/metrics.json) of a <model>__<loss> run."""
     run_dir = Path(run_dir)
-    folds = [d for d in fold_dirs(run_dir) if (d / METRICS).is_file()
-             and (d / VALIDATION / CANDIDATES_FILE).is_file()]
+    finished = [d for d in fold_dirs(run_dir) if (d / METRICS).is_file()]
+    if finished:
+        _run_labels(finished[0])  # a run with regions is refused before its missing candidates are reported
+    folds = [d for d in finished if (d / VALIDATION / CANDIDATES_FILE).is_file()]
     if not folds:
         raise MedsegError(f"{run_dir}: no finished fold has validation/{CANDIDATES_FILE}; train (or re-validate) "
                           f"at least one fold with this version of medseg first")

@@ -26,6 +26,7 @@ from medseg.datasets.io import Geometry, nonfinite_problem, read_image, write_la
 from medseg.inference.postprocessing import PostprocessingSpec, apply_postprocessing, load_postprocessing
 from medseg.errors import MedsegError, VolumeError, WriteError
 from medseg.locking import exclusive
+from medseg.inference.cascade import previous_stage_predictor
 from medseg.inference.predictor import (Predictor, Prepared, check_output_dir, check_output_outside_inputs,
                                         find_checkpoints, group_cases, load_checkpoint, output_path,
                                         probabilities_path, write_probabilities)
@@ -112,7 +113,7 @@ def collect_inputs(source: Path, output_dir: Path) -> list[Path]:
         check_output_dir(source, output_dir)
         files = list_images(source)
         if not files:
-            raise MedsegError(f"{source}: no NIfTI/NRRD/MHA images found")
+            raise MedsegError(f"{source}: no NIfTI/NRRD/MHA/PNG/BMP/TIFF images found")
         return files
     if source.is_file():
         files = read_image_list(source)
@@ -134,7 +135,13 @@ def predict_folder(ckpt_dir: Path, input_dir: Path, output_dir: Path, checkpoint
     models = [load_checkpoint(p, dev) for p in find_checkpoints(ckpt_dir, checkpoint)]
     if isinstance(mirror_axes, Sequence) and not isinstance(mirror_axes, str):
         mirror_axes = tuple(mirror_axes)
-    predictor = Predictor(models, overlap, mirror_axes, resolve_sw_batch_size(sw_batch_size, dev), dev, precision)
+    sw = resolve_sw_batch_size(sw_batch_size, dev)
+    # a cascade run predicts its low-resolution stage first (that run's folds, as recorded in the checkpoints)
+    previous = previous_stage_predictor(models, checkpoint, overlap, mirror_axes, sw, dev, precision)
+    predictor = Predictor(models, overlap, mirror_axes, sw, dev, precision, previous_stage=previous)
+    if previous is not None:
+        log.info("cascade: each case is first predicted by the %s stage (%d model(s) from %s)",
+                 previous.models[0].config.name, len(previous.models), Path(previous.models[0].source).parents[2])
     spec = find_postprocessing(ckpt_dir) if postprocessing else None
     if spec is not None:
         log.info("post-processing from cross-validation: %s", spec.to_dict())
@@ -153,6 +160,7 @@ def predict_folder(ckpt_dir: Path, input_dir: Path, output_dir: Path, checkpoint
                       "device": str(dev), "precision": predictor.precision, "overlap": overlap,
                       "mirror_axes": _jsonable(mirror_axes),
                       "save_probabilities": save_probabilities,
+                      "previous_stage": [m.source for m in previous.models] if previous is not None else None,
                       "postprocessing": spec.to_dict() if spec is not None else None,
                       "total_seconds": round(time.perf_counter() - started, 3), **summary.to_dict()}
             write_json(output_dir / SUMMARY_FILE, record)

@@ -26,7 +26,8 @@ from medseg.layout import trained_fold_dirs
 from medseg.models import create_model
 from medseg.planning.plan import ConfigurationPlan, Plan
 from medseg.precision import autocast_dtype, cuda_capability, inference_precision
-from medseg.preprocessing.pipeline import CaseProperties, preprocess_image
+from medseg.preprocessing.pipeline import CaseProperties, outside_crop_logits, preprocess_image
+from medseg.preprocessing.previous_stage import num_input_channels, with_previous_stage
 from medseg.inference.sliding_window import predict_logits
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,9 @@ class TrainedModel:
     config: ConfigurationPlan
     source: str
     precision: str = "32-true"  # what it was trained with (Lightning's name)
+    # a cascade stage's previous stage as trained: {"configuration", "run" (relative to this model's run folder),
+    # "folds"}; None for any other configuration
+    previous_stage: dict | None = None
 
 
 def load_checkpoint(path: str | Path, device: torch.device) -> TrainedModel:
@@ -57,12 +61,13 @@ def load_checkpoint(path: str | Path, device: torch.device) -> TrainedModel:
     plan = Plan.from_dict(extras["plan"])
     config = plan.configuration(extras["configuration"])
     spec = extras["model"]
-    model = create_model(spec["name"], config.spatial_dims, len(plan.channel_names), len(plan.labels),
-                         plan=config, **spec.get("kwargs", {}))
+    model = create_model(spec["name"], config.spatial_dims, num_input_channels(plan, config),
+                         plan.label_scheme.num_outputs, plan=config, **spec.get("kwargs", {}))
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(state)
     model.to(device).eval()
-    return TrainedModel(model, plan, config, str(path), str(extras.get("precision", "32-true")))
+    return TrainedModel(model, plan, config, str(path), str(extras.get("precision", "32-true")),
+                        extras.get("previous_stage"))
 
 
 def first_precision(models: list[TrainedModel]) -> str:
@@ -129,8 +134,8 @@ class Prepared:
 @dataclass
 class Prediction:
     label: np.ndarray  # (z, y, x) int16 label values on the input grid
-    labels: np.ndarray  # the label value of each class channel, ascending
-    probabilities: np.ndarray | None = None  # float16 (classes, z, y, x) softmax on the input grid
+    labels: np.ndarray  # the label value of each channel: ascending labels, or the value each region paints
+    probabilities: np.ndarray | None = None  # float16 (channels, z, y, x) softmax, or sigmoid per region
 
 
 @dataclass
@@ -143,21 +148,32 @@ class Predictor:
     # the network's precision: "auto" follows training where safe on this device (medseg.precision), or a
     # Lightning name ("32-true", "bf16-mixed", "16-mixed"); logits are always summed in float32
     precision: str = "auto"
+    # for cascade stages (3d_cascade_fullres): the previous stage's predictor, run on each case first; its label
+    # map becomes the extra input channels (medseg.inference.cascade builds it from the cascade's run)
+    previous_stage: Predictor | None = None
 
     def __post_init__(self):
         first = self.models[0].plan
         for m in self.models[1:]:
-            if m.plan.labels != first.labels or m.plan.channel_names != first.channel_names:
+            if m.plan.label_scheme != first.label_scheme or m.plan.channel_names != first.channel_names:
                 raise MedsegError(f"{m.source}: labels or channels differ from {self.models[0].source}; "
                                   "an ensemble must share them")
+        cascades = [m for m in self.models if m.config.previous_stage]
+        if cascades and self.previous_stage is None:
+            raise MedsegError(f"{cascades[0].source}: a {cascades[0].config.name} model needs the predictions of its "
+                              f"previous stage ({cascades[0].config.previous_stage}), and none was given")
+        if self.previous_stage is not None and self.previous_stage.plan.label_scheme != first.label_scheme:
+            raise MedsegError(f"{self.previous_stage.models[0].source}: the previous stage's labels differ from "
+                              f"those of {self.models[0].source}")
         self._mirror = {id(m): resolve_mirror_axes(self.mirror_axes, m.config.spatial_dims) for m in self.models}
         if self.precision == "auto":
             capability = cuda_capability(self.device) if self.device.type == "cuda" else None
             self.precision = inference_precision(first_precision(self.models), self.device.type, capability)
         self._autocast = autocast_dtype(self.precision)
         self._groups: dict[str, list[TrainedModel]] = {}
-        for m in self.models:  # models sharing preprocessing share one preprocessed copy
-            self._groups.setdefault(m.plan.preprocessing_key(m.config.name), []).append(m)
+        for m in self.models:  # models sharing preprocessing (and inputs) share one preprocessed copy
+            key = f"{m.plan.preprocessing_key(m.config.name)}|{m.config.previous_stage or ''}"
+            self._groups.setdefault(key, []).append(m)
 
     @property
     def plan(self) -> Plan:
@@ -165,17 +181,30 @@ class Predictor:
 
     @property
     def label_values(self) -> np.ndarray:
-        return np.asarray(sorted(self.plan.labels), dtype=np.int16)
+        """The label value of each output channel (the value a region paints, for region-based labels)."""
+        scheme = self.plan.label_scheme
+        return np.asarray(scheme.regions_class_order if scheme.has_regions else scheme.values, dtype=np.int16)
 
     def prepare(self, image: np.ndarray, spacing) -> Prepared:
-        """(c, z, y, x) image on its own grid -> preprocessed copies, one per preprocessing in the ensemble."""
+        """(c, z, y, x) image on its own grid -> preprocessed copies, one per preprocessing in the ensemble. A cascade
+        stage's copy gets its previous stage's prediction as extra channels: that stage is predicted here, so batch
+        prediction counts it in the case's read time."""
         if image.shape[0] != len(self.plan.channel_names):
             raise MedsegError(f"image has {image.shape[0]} channel(s), the model expects "
                               f"{len(self.plan.channel_names)} ({self.plan.channel_names})")
         groups = []
+        previous: np.ndarray | None = None  # the previous stage's label map on the input grid, made once
         for members in self._groups.values():
-            data, _, props = preprocess_image(image, spacing, members[0].plan, members[0].config)
-            groups.append(PreparedGroup(members, torch.from_numpy(data), props))
+            plan, config = members[0].plan, members[0].config
+            data, _, props = preprocess_image(image, spacing, plan, config)
+            tensor = torch.from_numpy(data)
+            if config.previous_stage:
+                if previous is None:
+                    assert self.previous_stage is not None  # checked in __post_init__
+                    # as nnU-Net: the previous stage's label map (not post-processed), preprocessed as a label
+                    previous = self.previous_stage.predict(image, spacing).label
+                tensor = with_previous_stage(tensor, previous, props, plan, config)
+            groups.append(PreparedGroup(members, tensor, props))
         return Prepared(groups, tuple(int(s) for s in image.shape[1:]))
 
     def infer(self, prepared: Prepared) -> list[torch.Tensor]:
@@ -195,15 +224,15 @@ class Predictor:
         return out
 
     def finish(self, logits: list[torch.Tensor], prepared: Prepared, probabilities: bool = False) -> Prediction:
-        """Mean logits back on the input grid -> label map (and softmax probabilities), slab by slab."""
-        shape, values = prepared.shape, self.label_values
+        """Mean logits back on the input grid -> label map (and probabilities), slab by slab."""
+        shape, values, scheme = prepared.shape, self.label_values, self.plan.label_scheme
         label = np.empty(shape, dtype=np.int16)
         probs = np.empty((len(values), *shape), dtype=np.float16) if probabilities else None
         for start, stop in _slabs(shape, len(values)):
             mean = self._mean_logits(logits, prepared, start, stop)
-            label[start:stop] = values[mean.argmax(0).numpy()]
+            label[start:stop] = scheme.logits_to_labels(mean, dim=0).numpy()
             if probs is not None:
-                probs[:, start:stop] = torch.softmax(mean, 0).numpy()
+                probs[:, start:stop] = scheme.probabilities(mean, 0).numpy()
             del mean
         return Prediction(label, values, probs)
 
@@ -255,8 +284,7 @@ def _rows_on_input_grid(logits: torch.Tensor, props: CaseProperties, plan: Plan,
     k = plan.transpose.index(0)  # the planning axis that is the input's first array axis
     shape_t = [props.original_shape[a] for a in plan.transpose]
     shape_t[k] = stop - start
-    out = torch.zeros((logits.shape[0], *shape_t), dtype=torch.float32)
-    out[0] = 1.0
+    out = outside_crop_logits(logits.shape[0], shape_t, plan.label_scheme.has_regions)
     lo, hi = props.box[k]
     a, b = max(start, lo), min(stop, hi)
     if a < b:

@@ -358,7 +358,10 @@ def _apply_spatial(image: torch.Tensor, label: torch.Tensor, plan: AugmentationP
     moved = F.grid_sample(image.index_select(0, idx).float(), grid, mode="bilinear", padding_mode="zeros",
                           align_corners=True)
     image_out.index_copy_(0, idx, moved.to(image.dtype))
-    labels = _resample_labels(label.index_select(0, idx), grid, plan.num_classes)
+    chosen = label.index_select(0, idx)
+    # each label channel on its own (a cascade carries the previous stage's label map as a second one)
+    labels = torch.cat([_resample_labels(chosen[:, c:c + 1], grid, plan.num_classes)
+                        for c in range(label.shape[1])], dim=1)
     label_out.index_copy_(0, idx, labels.to(label.dtype))
     return image_out, label_out
 
@@ -463,7 +466,7 @@ def _apply_mirror(image: torch.Tensor, label: torch.Tensor, plan: AugmentationPl
 
 def apply_augmentation(image: torch.Tensor, label: torch.Tensor, plan: AugmentationPlan,
                        params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Augment the batch as drawn: image (B, C, *sampled), label (B, 1, *sampled) and ``params`` (the draw's
+    """Augment the batch as drawn: image (B, C, *sampled), label (B, L, *sampled) and ``params`` (the draw's
     packed tensor) on one device, any device. Only device work: nothing is copied to it or read from it."""
     image, label = _apply_spatial(image, label, plan, params)
     image = _apply_intensity(image.float(), plan, params)

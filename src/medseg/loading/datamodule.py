@@ -7,6 +7,7 @@ Validation patches and volumes are split between the ranks without repeats, so e
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import lightning as L
@@ -17,7 +18,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from medseg.loading.augmentation import (AugmentationSettings, apply_augmentation, augment_batch, draw_augmentation,
                                       sampling_patch_size)
-from medseg.loading.sampling import sample_patch
+from medseg.loading.previous_stage import CascadeInputs, PreviousSegmentations
+from medseg.loading.sampling import place_patch
 from medseg.loading.shared_memory import sized_loader
 from medseg.errors import ConfigError
 from medseg.preprocessing.cache import PreprocessedCache
@@ -61,22 +63,26 @@ class CaseArrays:
 
 
 def draw_patches(cases: CaseArrays, case_ids: list[str], size, batch_size: int, num_foreground: int,
-                 rng: np.random.Generator, margin=None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+                 rng: np.random.Generator, margin=None, groups: list[tuple[int, ...]] | None = None,
+                 previous: PreviousSegmentations | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """A batch of patches: image float32 (B, C, *size), label (B, 1, *size) as uint8 (an eighth of the bytes
     through shared memory and to the GPU) where the values allow, and the case ids. The last
-    ``num_foreground`` samples are centred on foreground; ``margin``: see medseg.loading.sampling.sample_patch."""
+    ``num_foreground`` samples are centred on foreground; ``margin``, ``groups``: see
+    medseg.loading.sampling.sample_patch. ``previous`` (a cascade): the previous stage's label map of the same box
+    as a second label channel, (B, 2, *size)."""
     images, labels, ids = [], [], []
     for k in range(batch_size):
         case_id = case_ids[rng.integers(len(case_ids))]
         data, label, locations = cases(case_id)
-        x, y = sample_patch(data, label, locations, size, rng, k >= batch_size - num_foreground, margin)
-        images.append(x)
-        labels.append(y)
+        where = place_patch(label, locations, size, rng, k >= batch_size - num_foreground, margin, groups)
+        images.append(where.cut(data))
+        y = where.cut(label)
+        labels.append(y if previous is None else np.stack([y, where.cut(previous(case_id)).astype(y.dtype)]))
         ids.append(case_id)
     image = torch.from_numpy(np.stack(images).astype(np.float32, copy=False))
     stacked = np.stack(labels)
-    label = torch.from_numpy(stacked.astype(np.uint8 if stacked.max() < 256 else np.int64))[:, None]
-    return image, label, ids
+    label = torch.from_numpy(stacked.astype(np.uint8 if stacked.max() < 256 else np.int64))
+    return image, label if previous is not None else label[:, None], ids
 
 
 class _SplitBatches(Dataset):
@@ -108,12 +114,20 @@ class PatchBatches(_SplitBatches):
     With augmentation, patches are cut larger (room for rotation and scaling). ``augment_in_loader`` False
     leaves the augmentation to the device the batch goes to: the item is then a dict with the raw patches, every
     random parameter drawn here (one tensor, pinned and moved with the batch) and their plan (python data), and
-    ``SegmentationDataModule.on_after_batch_transfer`` finishes it without a host-device sync."""
+    ``SegmentationDataModule.on_after_batch_transfer`` finishes it without a host-device sync.
+
+    ``cascade``: the previous stage's label maps travel as a second label channel through the augmentation and
+    leave as one-hot image channels, augmented (always in the loader: see medseg.loading.cascade_augmentation)."""
 
     def __init__(self, cache: PreprocessedCache, case_ids: list[str], patch_size, batch_size: int,
                  iterations: int, oversample_foreground: float, augmentation: AugmentationSettings | None,
-                 augment_in_loader: bool = True):
+                 augment_in_loader: bool = True, groups: list[tuple[int, ...]] | None = None,
+                 cascade: CascadeInputs | None = None):
+        if cascade is not None and not augment_in_loader:
+            raise ValueError("a cascade's previous-stage channels are augmented in the loader")
         self.cache = cache
+        self.groups = groups
+        self.cascade = cascade
         self.case_ids = list(case_ids)
         self.patch_size = [int(p) for p in patch_size]
         self.iterations = int(iterations)
@@ -134,9 +148,13 @@ class PatchBatches(_SplitBatches):
         if self._rng is None:
             self._rng = np.random.default_rng(_process_seed(self.seed_offset))
         rng = self._rng
+        cascade = self.cascade
         image, label, _ = draw_patches(self._cases, self.case_ids, self.sample_size, self.batch_size,
-                                       self.num_foreground, rng, self.margin)
+                                       self.num_foreground, rng, self.margin, self.groups,
+                                       cascade.segmentations if cascade is not None else None)
         if self.augmentation is None:
+            if cascade is not None:
+                image, label = cascade.finish(image, label, None)
             return image, label.long()
         seed = int(rng.integers(2**62))
         if not self.augment_in_loader:
@@ -146,6 +164,8 @@ class PatchBatches(_SplitBatches):
                                      int(label.max()) + 1)
             return {"image": image, "label": label, "params": draw.params, "plan": draw.plan}
         image, label = augment_batch(image, label, self.patch_size, self.augmentation, seed)
+        if cascade is not None:
+            image, label = cascade.finish(image, label, np.random.default_rng([seed, 1]))
         return image, label.long()
 
 
@@ -155,8 +175,11 @@ class ValidationPatches(_SplitBatches):
     (seeded by seed, rank and i), so epochs are compared on the same data; ranks draw different ones."""
 
     def __init__(self, cache: PreprocessedCache, case_ids: list[str], patch_size, batch_size: int,
-                 iterations: int, oversample_foreground: float, seed: int = 0):
+                 iterations: int, oversample_foreground: float, seed: int = 0,
+                 groups: list[tuple[int, ...]] | None = None, cascade: CascadeInputs | None = None):
         self.case_ids = list(case_ids)
+        self.groups = groups
+        self.cascade = cascade  # moved into the image, not augmented
         self.patch_size = [int(p) for p in patch_size]
         self._set_batch(batch_size, oversample_foreground, self.patch_size)
         self.iterations = int(iterations) if self.case_ids else 0
@@ -168,17 +191,23 @@ class ValidationPatches(_SplitBatches):
 
     def __getitem__(self, index: int):
         rng = np.random.default_rng([self.seed, self.rank, index])
+        cascade = self.cascade
         image, label, ids = draw_patches(self._cases, self.case_ids, self.patch_size, self.batch_size,
-                                         self.num_foreground, rng)
+                                         self.num_foreground, rng, groups=self.groups,
+                                         previous=cascade.segmentations if cascade is not None else None)
+        if cascade is not None:
+            image, label = cascade.finish(image, label, None)
         return image, label.long(), ids
 
 
 class Volumes(Dataset):
     """Whole preprocessed validation cases: (image (c, *shape), label (1, *shape), case id). Under DDP each
-    rank takes every world_size-th case: no case is padded in twice."""
+    rank takes every world_size-th case: no case is padded in twice. ``cascade``: the previous stage's one-hot
+    channels appended to the image."""
 
-    def __init__(self, cache: PreprocessedCache, case_ids: list[str]):
+    def __init__(self, cache: PreprocessedCache, case_ids: list[str], cascade: CascadeInputs | None = None):
         self.cache = cache
+        self.cascade = cascade
         self.all_case_ids = list(case_ids)
         self.case_ids = list(case_ids)
 
@@ -194,8 +223,14 @@ class Volumes(Dataset):
         return len(self.case_ids)
 
     def __getitem__(self, index: int):
-        data, label = self.cache.load_volume(self.case_ids[index], mmap=False)
-        return torch.from_numpy(data), torch.from_numpy(label.astype(np.int64))[None], self.case_ids[index]
+        case_id = self.case_ids[index]
+        data, label = self.cache.load_volume(case_id, mmap=False)
+        image, target = torch.from_numpy(data), torch.from_numpy(label.astype(np.int64))[None]
+        if self.cascade is not None:
+            previous = torch.from_numpy(np.asarray(self.cascade.segmentations(case_id), dtype=np.int64))
+            image, _ = self.cascade.finish(image[None], torch.stack([target, previous[None]], 1), None)
+            image = image[0]
+        return image, target, case_id
 
 
 VALIDATION_MODES = ("patches", "volumes")
@@ -206,24 +241,28 @@ VAL_PREFETCH = 2
 class SegmentationDataModule(L.LightningDataModule):
     """``validation_mode``: "patches" (default; ``val_iterations`` batches of patches, as nnU-Net's 50) or
     "volumes" (sliding window over up to ``max_val_cases`` whole held-out cases: closer to the final score,
-    but on large volumes it costs more than the epoch's training)."""
+    but on large volumes it costs more than the epoch's training). ``cascade``: a cascade stage's previous-stage
+    inputs (augmented for training only); ``num_channels`` then counts its one-hot channels too."""
 
     def __init__(self, cache: PreprocessedCache, train_ids: list[str], val_ids: list[str], patch_size,
                  batch_size: int, iterations_per_epoch: int = 250, oversample_foreground: float = 0.33,
                  num_workers: int = 0, max_val_cases: int | None = None,
                  augmentation: AugmentationSettings | None = None, augment_on_device: bool = False,
-                 validation_mode: str = "patches", val_iterations: int = 50, seed: int = 0, num_channels: int = 1):
+                 validation_mode: str = "patches", val_iterations: int = 50, seed: int = 0, num_channels: int = 1,
+                 sampling_groups: list[tuple[int, ...]] | None = None, cascade: CascadeInputs | None = None):
         super().__init__()
         if validation_mode not in VALIDATION_MODES:
             raise ConfigError(f"validation.mode={validation_mode!r}: expected one of {list(VALIDATION_MODES)}")
         self.train_set = PatchBatches(cache, train_ids, patch_size, batch_size, iterations_per_epoch,
-                                      oversample_foreground, augmentation, augment_in_loader=not augment_on_device)
+                                      oversample_foreground, augmentation, augment_in_loader=not augment_on_device,
+                                      groups=sampling_groups, cascade=cascade)
+        plain = dataclasses.replace(cascade, augmentation=None) if cascade is not None else None
         self.val_set: ValidationPatches | Volumes
         if validation_mode == "patches":
             self.val_set = ValidationPatches(cache, val_ids, patch_size, batch_size, val_iterations,
-                                             oversample_foreground, seed)
+                                             oversample_foreground, seed, sampling_groups, plain)
         else:
-            self.val_set = Volumes(cache, val_ids[:max_val_cases] if max_val_cases else val_ids)
+            self.val_set = Volumes(cache, val_ids[:max_val_cases] if max_val_cases else val_ids, plain)
         self.num_workers = num_workers
         self.num_channels = num_channels
 

@@ -13,7 +13,9 @@ import torch.nn as nn
 from monai.losses import DeepSupervisionLoss, DiceCELoss, DiceLoss, FocalLoss, TverskyLoss
 
 from medseg.config_keys import accepted_keys, check_keys
+from medseg.datasets.labels import LabelScheme
 from medseg.errors import ConfigError
+from medseg.losses.label_scheme import LabelSchemeLoss
 
 _LOSSES: dict[str, Callable[..., nn.Module]] = {}
 
@@ -45,11 +47,32 @@ def check_loss_keys(name: str, kwargs) -> None:
     check_keys(kwargs, loss_keys(name), f"loss {name!r}", "loss", name)
 
 
-def create_loss(name: str, **kwargs) -> nn.Module:
+def create_loss(name: str, label_scheme: LabelScheme | None = None, **kwargs) -> nn.Module:
     """Build loss ``name``; ``kwargs`` are its config's keys (without ``name``). A key the loss does not take is a
-    ConfigError naming it and the accepted keys."""
+    ConfigError naming it and the accepted keys. With a ``label_scheme`` that has regions or an ignore label, the
+    loss is built for it (see ``check_loss_for_scheme`` for which losses can be)."""
     check_loss_keys(name, kwargs)
+    if label_scheme is not None and (label_scheme.has_regions or label_scheme.needs_mask):
+        check_loss_for_scheme(name, label_scheme)
+        return _SCHEME_LOSSES[name](label_scheme, **kwargs)
     return _LOSSES[name](**kwargs)
+
+
+# Losses that train region-based labels (sigmoid per region) and ignore labels (masked voxels). The others are
+# refused for such datasets rather than trained wrongly: focal and Tversky are softmax-only here, and a masked
+# or sigmoid version of them is not written yet.
+_SCHEME_LOSSES: dict[str, Callable[..., nn.Module]] = {
+    "dice_ce": lambda scheme, **kw: LabelSchemeLoss(scheme, **kw),
+    "dice": lambda scheme, **kw: LabelSchemeLoss(scheme, lambda_ce=0.0, **kw),
+    "ce": lambda scheme: LabelSchemeLoss(scheme, lambda_dice=0.0),
+}
+
+
+def check_loss_for_scheme(name: str, label_scheme: LabelScheme) -> None:
+    """ConfigError when loss ``name`` cannot train the dataset's labels (regions, an ignore label)."""
+    if (label_scheme.has_regions or label_scheme.needs_mask) and name not in _SCHEME_LOSSES:
+        what = "region-based labels" if label_scheme.has_regions else "an ignore label"
+        raise ConfigError(f"loss={name} cannot train a dataset with {what}; use one of {sorted(_SCHEME_LOSSES)}")
 
 
 @register_loss("dice_ce")

@@ -28,6 +28,9 @@ FOREGROUND_SAMPLES_PER_CASE = 100_000
 FINGERPRINT_VERSION = 1
 
 log = logging.getLogger(__name__)
+# nnU-Net's convention for PNG/BMP/TIFF datasets, which a wrong channel_names count usually misses
+NATURAL_CHANNELS_HINT = (" (a greyscale image is one channel; an RGB image is three, e.g. channel_names R, G, B, "
+                         "in one <case>_0000 file)")
 
 
 @dataclass
@@ -89,14 +92,18 @@ def source_key(manifest: Manifest) -> str:
     """Changes when any input file of the dataset (path, size, modification time) or the label set changes."""
     h = hashlib.sha1()
     h.update(json.dumps([manifest.channel_names, sorted(manifest.labels.items())]).encode())
+    if manifest.regions:  # (only then: the keys of datasets without regions stay what they were)
+        h.update(json.dumps(manifest.label_scheme.to_dict()).encode())
     for case in sorted(manifest.cases, key=lambda c: c.case_id):
         h.update(file_signature(case.images + ([case.label] if case.label else [])).encode())
     return h.hexdigest()
 
 
-def _with_path(error: Exception, path: str) -> str:
+def _with_path(error: Exception, path: str, others: tuple[str, ...] | list[str] = ()) -> str:
+    """The reader's message, prefixed with ``path`` unless it names that file or one of ``others`` already
+    (a case's missing channel file names itself)."""
     msg = str(error) or type(error).__name__
-    return msg if path in msg else f"{path}: {msg}"
+    return msg if any(p in msg for p in (path, *others)) else f"{path}: {msg}"
 
 
 def inspect_case(case: Case, num_channels: int, labels: list[int], samples_per_case: int = FOREGROUND_SAMPLES_PER_CASE,
@@ -109,7 +116,7 @@ def inspect_case(case: Case, num_channels: int, labels: list[int], samples_per_c
     try:
         image, geo = read_image(case.images)
     except Exception as e:  # noqa: BLE001 - any reader failure is a problem with that file
-        return [f"case {case.case_id}: cannot read image: {_with_path(e, where)}"], [], None, None
+        return [f"case {case.case_id}: cannot read image: {_with_path(e, where, case.images)}"], [], None, None
     if len(geo.shape) != 3:
         return [f"{where}: {len(geo.shape)}D image in a 3D dataset (shape {geo.shape})"], [], None, None
     if case.label is None:
@@ -119,7 +126,8 @@ def inspect_case(case: Case, num_channels: int, labels: list[int], samples_per_c
     except Exception as e:  # noqa: BLE001
         return [f"case {case.case_id}: cannot read label: {_with_path(e, case.label)}"], [], None, None
     if image.shape[0] != num_channels:
-        problems.append(f"{where}: {image.shape[0]} channel(s), the dataset declares {num_channels}")
+        hint = NATURAL_CHANNELS_HINT if geo.kind == "natural" else ""
+        problems.append(f"{where}: {image.shape[0]} channel(s), the dataset declares {num_channels}{hint}")
     if label.shape != image.shape[1:]:
         problems.append(f"{case.label}: label shape {label.shape} differs from image shape {image.shape[1:]}")
     elif not np.allclose(geo.affine, lgeo.affine, atol=1e-3, rtol=1e-4):

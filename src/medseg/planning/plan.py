@@ -13,10 +13,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from medseg.atomic import write_json
+from medseg.datasets.labels import LabelScheme, Region
 from medseg.errors import ConfigError
 
 PLAN_VERSION = 2
-PREPROCESSING_VERSION = 3  # bump when preprocessing code changes what it writes: old caches are then redone
+PREPROCESSING_VERSION = 4  # bump when preprocessing code changes what it writes: old caches are then redone
 
 
 @dataclass
@@ -63,6 +64,12 @@ class Plan:
     explanations: list[str] = field(default_factory=list)  # why each value was chosen
     fingerprint_key: str = ""
     version: int = PLAN_VERSION
+    regions: list[Region] = field(default_factory=list)  # nnU-Net's region-based labels (datasets/labels.py)
+    regions_class_order: list[int] = field(default_factory=list)
+
+    @property
+    def label_scheme(self) -> LabelScheme:
+        return LabelScheme(self.labels, tuple(self.regions), tuple(self.regions_class_order))
 
     @property
     def transpose_backward(self) -> list[int]:
@@ -70,8 +77,10 @@ class Plan:
 
     def configuration(self, name: str) -> ConfigurationPlan:
         if name not in self.configurations:
+            hint = "; single-slice images (2D pictures) plan 2d only: configuration=2d, medseg-plan " \
+                "preprocess=[2d]" if list(self.configurations) == ["2d"] else ""
             raise ConfigError(f"configuration {name!r} is not in the plan of {self.dataset} "
-                              f"(planned: {sorted(self.configurations)})")
+                              f"(planned: {sorted(self.configurations)}){hint}")
         return self.configurations[name]
 
     def preprocessing_key(self, name: str) -> str:
@@ -79,12 +88,14 @@ class Plan:
         c = self.configuration(name)
         relevant = {"version": PREPROCESSING_VERSION, "transpose": self.transpose, "dims": c.spatial_dims,
                     "spacing": c.spacing, "normalization": c.normalization, "use_mask": c.use_mask_for_norm,
-                    "intensity": self.intensity_properties if "ct" in c.normalization else None}
+                    "intensity": self.intensity_properties if "ct" in c.normalization else None,
+                    "labels": self.label_scheme.to_dict()}  # which class locations are kept
         return hashlib.sha1(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["labels"] = {str(k): v for k, v in self.labels.items()}
+        d["regions"] = [r.to_dict() for r in self.regions]
         return d
 
     @classmethod
@@ -92,8 +103,9 @@ class Plan:
         if d.get("version") != PLAN_VERSION:
             raise ConfigError(f"plan version {d.get('version')} is not {PLAN_VERSION}: re-run medseg-plan")
         configs = {k: ConfigurationPlan(**v) for k, v in d["configurations"].items()}
-        fields = {k: v for k, v in d.items() if k not in ("labels", "configurations")}
-        return cls(labels={int(k): v for k, v in d["labels"].items()}, configurations=configs, **fields)
+        fields = {k: v for k, v in d.items() if k not in ("labels", "configurations", "regions")}
+        return cls(labels={int(k): v for k, v in d["labels"].items()}, configurations=configs,
+                   regions=[Region.from_dict(r) for r in d.get("regions", [])], **fields)
 
     def save(self, path: str | Path) -> None:
         write_json(path, self.to_dict())

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from medseg.config_keys import check_keys
+from medseg.datasets.labels import LabelScheme
 from medseg.errors import ConfigError
 from medseg.planning.fingerprint import DatasetFingerprint
 from medseg.planning.plan import ConfigurationPlan, Plan
@@ -268,12 +269,12 @@ def _normalization(channel_names: list[str], median_relative_size: float, why: l
     return schemes, use_mask
 
 
-def plan_dataset(fp: DatasetFingerprint, channel_names: list[str], labels: dict[int, str],
+def plan_dataset(fp: DatasetFingerprint, channel_names: list[str], scheme: LabelScheme,
                  settings: PlannerSettings) -> Plan:
     """Plans 2d, 3d_fullres and, where the rules call for it, 3d_lowres (+ cascade)."""
     why: list[str] = []
     preset = PRESETS[settings.preset]
-    num_classes = len(labels)
+    num_classes = scheme.num_outputs  # the output channels the memory estimate counts
     spacings, shapes = fp.spacings, fp.shapes_after_crop
     if settings.target_spacing is not None:
         target = np.asarray(settings.target_spacing, dtype=np.float64)
@@ -319,9 +320,10 @@ def plan_dataset(fp: DatasetFingerprint, channel_names: list[str], labels: dict[
         if lowres is not None:
             configurations["3d_cascade_fullres"] = ConfigurationPlan(
                 **{**vars(fullres), "name": "3d_cascade_fullres", "previous_stage": "3d_lowres"})
-    return Plan(fp.dataset, list(channel_names), dict(labels), [vars(c) for c in fp.intensity], configurations,
-                transpose=transpose, planner=settings.preset, gpu_memory_gb=settings.gpu_gb,
-                overridden=settings.overridden(), explanations=why, fingerprint_key=fp.source_key)
+    return Plan(fp.dataset, list(channel_names), dict(scheme.labels), [vars(c) for c in fp.intensity],
+                configurations, transpose=transpose, planner=settings.preset, gpu_memory_gb=settings.gpu_gb,
+                overridden=settings.overridden(), explanations=why, fingerprint_key=fp.source_key,
+                regions=list(scheme.regions), regions_class_order=list(scheme.regions_class_order))
 
 
 def _plan_lowres(spacing_t, median_t, fullres: ConfigurationPlan, num_cases: int, config, why):

@@ -20,6 +20,7 @@ from medseg.datasets.io import read_image, read_label
 from medseg.datasets.manifest import Case, Manifest
 from medseg.errors import WriteError
 from medseg.planning.plan import ConfigurationPlan, Plan
+from medseg.datasets.labels import ANNOTATED
 from medseg.preprocessing.pipeline import class_locations, preprocess_image
 
 
@@ -84,7 +85,10 @@ def _preprocess_one(args) -> str:
     image, geo = read_image(case.images)
     label, _ = read_label(case.label)
     data, seg, props = preprocess_image(image, geo.spacing, plan, config, case.case_id, label)
-    locations = class_locations(seg, [c for c in sorted(plan.labels) if c != 0])
+    scheme = plan.label_scheme
+    locations = class_locations(seg, scheme.location_classes)
+    if scheme.ignore_label is not None:  # where patches that need no foreground are centred
+        locations.update(class_locations(seg != scheme.ignore_label, [True], key=ANNOTATED))
     PreprocessedCache(folder).write(case.case_id, key, data, seg, locations, props.to_dict())
     return case.case_id
 

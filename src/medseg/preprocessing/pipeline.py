@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from medseg.planning.plan import ConfigurationPlan, Plan
-from medseg.planning.crop import crop_to_nonzero
+from medseg.planning.crop import bounding_box, crop, crop_to_nonzero, nonzero_mask
 from medseg.preprocessing.normalize import normalize
 from medseg.preprocessing.resample import new_shape, resample_image, resample_label, resample_logits
 
@@ -56,15 +56,55 @@ def preprocess_image(image: np.ndarray, spacing, plan: Plan, config: Configurati
     return data.astype(np.float32), cropped_label, props
 
 
-def class_locations(label: np.ndarray, classes: list[int], seed: int = 1234) -> dict[int, np.ndarray]:
-    """Up to MAX_LOCATIONS_PER_CLASS voxel coordinates per foreground class, for foreground oversampling."""
+def case_grid(image: np.ndarray, spacing, plan: Plan, config: ConfigurationPlan, case_id: str = "") -> CaseProperties:
+    """The properties ``preprocess_image`` would give the case (transpose, crop box, shapes), without normalising
+    or resampling the image: where a label map of the case lands on the configuration's preprocessed grid."""
+    image_t = np.transpose(image, [0] + [a + 1 for a in plan.transpose])
+    spacing_t = [float(spacing[a]) for a in plan.transpose]
+    box = bounding_box(nonzero_mask(image_t))
+    cropped_shape = [b - a for a, b in box]
+    shape = new_shape(cropped_shape, spacing_t, case_target_spacing(config, spacing_t))
+    return CaseProperties(case_id, list(image.shape[1:]), spacing_t, [list(b) for b in box], cropped_shape,
+                          list(shape))
+
+
+def label_to_grid(label: np.ndarray, props: CaseProperties, plan: Plan, config: ConfigurationPlan) -> np.ndarray:
+    """A (z, y, x) label map on the case's input grid -> the configuration's preprocessed grid, as
+    ``preprocess_image`` moves a case's label (transpose, crop to ``props.box``, resample): a previous stage's
+    prediction then lies voxel for voxel on the cached image. ``props`` may come from any configuration of the
+    plan (the crop box depends on the image alone)."""
+    cropped = crop(np.transpose(label, plan.transpose), [tuple(b) for b in props.box])
+    target = case_target_spacing(config, props.spacing)
+    shape = new_shape(props.shape_after_crop, props.spacing, target)
+    dtype = np.int8 if max(plan.labels) < 128 else np.int16
+    return resample_label(cropped, shape, props.spacing, target, sorted(plan.labels)).astype(dtype)
+
+
+def class_locations(label: np.ndarray, classes: list, seed: int = 1234, key: int | None = None,
+                    ) -> dict[int, np.ndarray]:
+    """Up to MAX_LOCATIONS_PER_CLASS voxel coordinates per foreground class, for foreground oversampling
+    (stored under ``key`` instead of the class where given)."""
     rng = np.random.default_rng(seed)
     out = {}
     for c in classes:
         coords = np.argwhere(label == c)
         if len(coords) > MAX_LOCATIONS_PER_CLASS:
             coords = coords[rng.choice(len(coords), MAX_LOCATIONS_PER_CLASS, replace=False)]
-        out[c] = coords.astype(np.int32)
+        out[int(c) if key is None else key] = coords.astype(np.int32)
+    return out
+
+
+# logit of every region outside the crop: no region there (a sigmoid of 2e-9, whatever the ensemble's mean)
+OUTSIDE_REGION_LOGIT = -20.0
+
+
+def outside_crop_logits(channels: int, shape, regions: bool) -> torch.Tensor:
+    """Logits of the voxels cropping removed (nothing but background there): background wins the softmax, or
+    every region's sigmoid is near 0."""
+    if regions:
+        return torch.full((channels, *shape), OUTSIDE_REGION_LOGIT, dtype=torch.float32)
+    out = torch.zeros((channels, *shape), dtype=torch.float32)
+    out[0] = 1.0
     return out
 
 
@@ -73,7 +113,6 @@ def logits_to_original(logits: torch.Tensor, props: CaseProperties, plan: Plan) 
     cropped shape, put the crop back (outside it only background is possible), undo the transpose."""
     logits = resample_logits(logits, props.shape_after_crop)
     transposed_shape = [props.original_shape[a] for a in plan.transpose]
-    full = torch.zeros((logits.shape[0], *transposed_shape), dtype=logits.dtype)
-    full[0] = 1.0
+    full = outside_crop_logits(logits.shape[0], transposed_shape, plan.label_scheme.has_regions).to(logits.dtype)
     full[(slice(None),) + tuple(slice(a, b) for a, b in props.box)] = logits
     return full.permute(0, *[a + 1 for a in plan.transpose_backward])

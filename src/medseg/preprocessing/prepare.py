@@ -66,7 +66,7 @@ def prepare(cfg: DictConfig, configurations: list[str] | None = None, progress: 
     manifest.save(folder / "manifest.json")  # folds are fixed from here on
 
     settings = PlannerSettings.from_config(cfg.planner)
-    plan = plan_dataset(fingerprint, manifest.channel_names, manifest.labels, settings)
+    plan = plan_dataset(fingerprint, manifest.channel_names, manifest.label_scheme, settings)
     plan.save(folder / "plans.json")
     prepared = PreparedDataset(manifest, fingerprint, plan, folder)
     for name in configurations or []:

@@ -8,6 +8,7 @@ import lightning as L
 import torch
 import torch.nn as nn
 
+from medseg.datasets.labels import LabelScheme
 from medseg.inference.sliding_window import predict_logits
 
 
@@ -16,23 +17,36 @@ def channels_last_format(ndim: int) -> torch.memory_format:
     return torch.channels_last_3d if ndim == 5 else torch.channels_last
 
 
-def confusion_counts(pred: torch.Tensor, ref: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(3, num_classes - 1) true positives, false positives and false negatives of each foreground class,
-    summed over all voxels (of every sample); computed where the tensors are, no host read."""
-    classes = torch.arange(1, num_classes, device=pred.device).view(-1, *([1] * pred.ndim))
-    p, r = pred.unsqueeze(0) == classes, ref.unsqueeze(0) == classes
-    dims = tuple(range(1, pred.ndim + 1))
-    return torch.stack([(p & r).sum(dims), (p & ~r).sum(dims), (~p & r).sum(dims)]).double()
+def confusion_counts(pred: torch.Tensor, ref: torch.Tensor, targets, valid: torch.Tensor | None = None,
+                     ) -> torch.Tensor:
+    """(3, targets) true positives, false positives and false negatives of each scored target (a label or a
+    region: a tuple of label values), summed over all voxels (of every sample) where ``valid`` (not the ignore
+    label); computed where the tensors are, no host read."""
+    rows = []
+    for values in targets:
+        if len(values) == 1:
+            p, r = pred == values[0], ref == values[0]
+        else:
+            chosen = torch.tensor(values, device=pred.device)
+            p, r = torch.isin(pred, chosen), torch.isin(ref, chosen)
+        if valid is not None:
+            p, r = p & valid, r & valid
+        rows.append(torch.stack([(p & r).sum(), (p & ~r).sum(), (~p & r).sum()]))
+    return torch.stack(rows, dim=1).double()
 
 
 class SegmentationModule(L.LightningModule):
-    def __init__(self, model: nn.Module, loss: nn.Module, num_classes: int, patch_size,
+    def __init__(self, model: nn.Module, loss: nn.Module, label_scheme: LabelScheme | int, patch_size,
                  optimizer: Callable, scheduler: Callable | None = None, checkpoint_extras: dict | None = None,
                  val_overlap: float = 0.5, channels_last: bool = False):
         super().__init__()
         self.model = model
         self.loss = loss
-        self.num_classes = num_classes
+        # an int: that many ordinary labels 0..n-1
+        self.label_scheme = label_scheme if isinstance(label_scheme, LabelScheme) else \
+            LabelScheme({v: str(v) for v in range(int(label_scheme))})
+        self.targets = [t.values for t in self.label_scheme.targets]
+        self.num_classes = max(self.label_scheme.values) + 1  # label values drawn in overlays
         self.patch_size = list(patch_size)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -55,18 +69,19 @@ class SegmentationModule(L.LightningModule):
     # ---- per-epoch pseudo-Dice: true/false positives/negatives summed over all validation patches or cases ----
     def on_validation_epoch_start(self):
         # kept on the device and read once at the epoch's end: a read per batch would stall the GPU
-        self._val_counts = torch.zeros(3, self.num_classes - 1, dtype=torch.float64, device=self.device)
+        self._val_counts = torch.zeros(3, len(self.targets), dtype=torch.float64, device=self.device)
 
     def validation_step(self, batch, batch_idx):
         image, label, ids = batch
         if isinstance(ids, (list, tuple)):  # a batch of patches (B, C, *patch): one forward pass
-            pred = self.model(image).argmax(1)
+            pred = self.label_scheme.logits_to_labels(self.model(image), dim=1)
             ref = label[:, 0]
         else:  # one whole volume (C, *shape): sliding window
-            pred = predict_logits(self.model, image, self.patch_size, overlap=self.val_overlap).argmax(0)
+            logits = predict_logits(self.model, image, self.patch_size, overlap=self.val_overlap)
+            pred = self.label_scheme.logits_to_labels(logits, dim=0)
             ref = label[0].to(pred.device)
         assert self._val_counts is not None  # on_validation_epoch_start ran
-        self._val_counts += confusion_counts(pred, ref, self.num_classes)
+        self._val_counts += confusion_counts(pred, ref, self.targets, self.label_scheme.valid_mask(ref))
         return {"pred": pred}  # for callbacks (TensorBoard overlays)
 
     def on_validation_epoch_end(self):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+import torch
 import torch.nn as nn
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -25,21 +26,26 @@ from medseg.checkpoint import load_weights_only
 from medseg.errors import CheckpointError, ConfigError, TrainingInterrupted
 from medseg.inference.predictor import Predictor, load_checkpoint
 from medseg.loading.datamodule import SegmentationDataModule
+from medseg.loading.previous_stage import CascadeInputs, PreviousSegmentations
 from medseg.loading.augmentation import AugmentationSettings
 from medseg.locking import exclusive
-from medseg.losses import create_loss
+from medseg.losses import check_loss_for_scheme, create_loss
 from medseg.losses.registry import with_deep_supervision
 from medseg.models import adapt_patch_for_model, create_model, model_spec
 from medseg.models.summary import summarize_model
 from medseg.planning.plan import ConfigurationPlan, Plan
 from medseg.preprocessing.prepare import PreparedDataset, dataset_folder, load_manifest, prepare, preprocess
+from medseg.preprocessing.previous_stage import foreground_labels, num_input_channels
 from medseg.record import RunRecord
 from medseg.training.callbacks import build_callbacks
+from medseg.training.cascade import (PreviousStageInputs, check_grids, check_out_of_fold_files, log_previous_stage,
+                                     next_stage_export, previous_stage_record, previous_stage_run,
+                                     validation_previous_stage, write_missing_next_stage)
 from medseg.training.checkpoint_io import AtomicCheckpointIO
 from medseg.training.guards import FiniteGuard
 from medseg.training.module import SegmentationModule, channels_last_format
-from medseg.training.settings import (augmentation_settings, check_config, config_dict, parse_fold, resolve_run,
-                                     trainer_kwargs)
+from medseg.training.settings import (augmentation_settings, check_config, config_dict, on_gpu, parse_fold,
+                                     resolve_run, trainer_kwargs)
 from medseg.training.timing import fit_timing, reset_peak_memory
 from medseg.training.validation import validate_fold
 
@@ -82,10 +88,15 @@ class RunSetup:
     loss: nn.Module
     augmentation: AugmentationSettings | None
     record: RunRecord
+    previous: PreviousStageInputs | None = None  # a cascade stage's out-of-fold inputs (training.cascade)
 
     @property
     def plan(self) -> Plan:
         return self.prepared.plan
+
+    @property
+    def input_channels(self) -> int:
+        return num_input_channels(self.plan, self.config)
 
 
 def _adapt_patch_to_model(plan: Plan, config: ConfigurationPlan, model_name: str) -> ConfigurationPlan:
@@ -108,23 +119,34 @@ def set_up_run(cfg: DictConfig, fold: int | str) -> RunSetup:
     bad model or loss setting fails before the data is preprocessed) and the run record."""
     manifest = load_manifest(cfg.data, dataset_folder(cfg))
     train_ids, val_ids = manifest.split(fold)  # an impossible fold fails before the data is fingerprinted
+    check_loss_for_scheme(str(cfg.loss.name), manifest.label_scheme)  # and a loss that cannot train its labels
     prepared = prepare(cfg, [], manifest=manifest)
     plan = prepared.plan
     L.seed_everything(int(cfg.seed), workers=True)
     config = _adapt_patch_to_model(plan, plan.configuration(cfg.configuration), str(cfg.model.name))
-    record = resolve_run(cfg, plan, config, fold, len(train_ids), len(val_ids))
-    model = create_model(record.model.name, config.spatial_dims, manifest.num_channels, manifest.num_classes,
-                         plan=config, **record.model.kwargs)
-    loss = with_deep_supervision(create_loss(record.loss.name, **record.loss.kwargs), getattr(model, "heads", 0) + 1)
+    previous, previous_record = None, None
+    if config.previous_stage:  # every previous-stage file this fold needs is there, before any compute
+        run = previous_stage_run(cfg, config.previous_stage)
+        used = set(train_ids) | set(val_ids)
+        case_folds = {c.case_id: int(c.fold) for c in manifest.cases if c.case_id in used and c.fold is not None}
+        files = check_out_of_fold_files(run, config.previous_stage, config.name, fold, case_folds)
+        previous = PreviousStageInputs(config.previous_stage, run, case_folds, files)
+        previous_record = previous_stage_record(run, config.previous_stage, Path(str(cfg.run_dir)), case_folds)
+    record = resolve_run(cfg, plan, config, fold, len(train_ids), len(val_ids), previous_record)
+    scheme = plan.label_scheme
+    model = create_model(record.model.name, config.spatial_dims, num_input_channels(plan, config),
+                         scheme.num_outputs, plan=config, **record.model.kwargs)
+    loss = with_deep_supervision(create_loss(record.loss.name, scheme, **record.loss.kwargs),
+                                 getattr(model, "heads", 0) + 1)
     augmentation, _ = augmentation_settings(cfg, config.patch_size)
-    return RunSetup(prepared, config, train_ids, val_ids, model, loss, augmentation, record)
+    return RunSetup(prepared, config, train_ids, val_ids, model, loss, augmentation, record, previous)
 
 
 # ---- 2. the fold's state: finished, extendable, resumable, or new ----------------------------------------
 
 def _set_aside_validation(fold_dir: Path, epochs: int) -> None:
     """Extending a finished fold keeps the earlier fold's results under names carrying its epoch count."""
-    for name in (layout.METRICS, layout.VALIDATION):
+    for name in (layout.METRICS, layout.VALIDATION, layout.NEXT_STAGE):
         path = fold_dir / name
         if path.exists():
             path.rename(fold_dir / f"{path.stem}.epochs{epochs}{path.suffix}")
@@ -202,13 +224,14 @@ def check_resumable_checkpoint(cfg: DictConfig, fold_dir: Path) -> None:
 def build_module(cfg: DictConfig, setup: RunSetup) -> SegmentationModule:
     record, config = setup.record, setup.config
     extras = {"plan": setup.plan.to_dict(), "configuration": config.name, "fold": record.fold,
-              "model": {"name": record.model.name, "kwargs": record.model.kwargs}, "precision": record.precision}
+              "model": {"name": record.model.name, "kwargs": record.model.kwargs}, "precision": record.precision,
+              "previous_stage": record.previous_stage}
     channels_last = bool(cfg.get("channels_last", False))
     if channels_last:
         # weights and batches in channels-last layout: oneDNN/cuDNN convolutions without layout conversions
         # torch's stubs for Module.to omit memory_format, which it takes (documented) and applies to 4D/5D weights
         setup.model.to(memory_format=channels_last_format(config.spatial_dims + 2))  # type: ignore[call-overload]
-    return SegmentationModule(setup.model, setup.loss, setup.prepared.manifest.num_classes, config.patch_size,
+    return SegmentationModule(setup.model, setup.loss, setup.plan.label_scheme, config.patch_size,
                               instantiate(cfg.optimizer), instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
                               extras, val_overlap=float(record.validation["overlap"]), channels_last=channels_last)
 
@@ -216,12 +239,17 @@ def build_module(cfg: DictConfig, setup: RunSetup) -> SegmentationModule:
 def build_datamodule(setup: RunSetup) -> SegmentationDataModule:
     record, config = setup.record, setup.config
     val = record.validation
+    cascade = None
+    if setup.previous is not None:
+        cascade = CascadeInputs(PreviousSegmentations(setup.previous.files),
+                                foreground_labels(setup.plan.label_scheme))
     return SegmentationDataModule(setup.prepared.cache(config.name), setup.train_ids, setup.val_ids, config.patch_size,
                                   record.batch_size, record.iterations_per_epoch, record.oversample_foreground,
                                   record.num_workers, val.get("max_cases_per_epoch"), setup.augmentation,
                                   record.augment_on_device, validation_mode=str(val["mode"]),
                                   val_iterations=int(val["iterations"]), seed=record.seed,
-                                  num_channels=setup.prepared.manifest.num_channels)
+                                  num_channels=setup.input_channels,
+                                  sampling_groups=setup.plan.label_scheme.sampling_groups, cascade=cascade)
 
 
 def build_trainer(cfg: DictConfig, fold_dir: Path, holds_out: bool) -> L.Trainer:
@@ -252,7 +280,7 @@ def build_trainer(cfg: DictConfig, fold_dir: Path, holds_out: bool) -> L.Trainer
 
 def _write_run_files(cfg: DictConfig, setup: RunSetup, fold_dir: Path) -> None:
     fold_dir.mkdir(parents=True, exist_ok=True)
-    summary = summarize_model(setup.model, setup.config.patch_size, setup.prepared.manifest.num_channels)
+    summary = summarize_model(setup.model, setup.config.patch_size, setup.input_channels)
     log.info("model %s: %s", setup.record.model.name, summary)
     write_json(fold_dir / layout.MODEL_SUMMARY, summary.to_dict())
     OmegaConf.save(cfg, fold_dir / layout.CONFIG, resolve=True)
@@ -272,8 +300,12 @@ def _train_fold(cfg: DictConfig, setup: RunSetup, fold_dir: Path) -> dict:
     fold = setup.record.fold
     finished = fold_state(cfg, fold_dir, setup.record)
     if finished is not None:
+        _complete_next_stage(cfg, setup, fold_dir)
         return finished
-    preprocess(setup.prepared, setup.config.name, int(cfg.get("num_processes", 2)))
+    cache = preprocess(setup.prepared, setup.config.name, int(cfg.get("num_processes", 2)))
+    if setup.previous is not None:
+        check_grids(setup.previous.files, cache, setup.previous.configuration, setup.previous.folds)
+        log_previous_stage(setup.previous)
     module = build_module(cfg, setup)
     datamodule = build_datamodule(setup)
     _write_run_files(cfg, setup, fold_dir)
@@ -327,10 +359,33 @@ def final_validation(setup: RunSetup, fold_dir: Path, trainer: L.Trainer, timing
     device = trainer.strategy.root_device
     trained = load_checkpoint(chosen if chosen.is_file() else layout.checkpoint(fold_dir), device)
     axes = record.validation.get("mirror_axes")
+    # a cascade's held-out cases get their previous stage as its training data did: from the fold that held them out
+    previous = (validation_previous_stage(setup.previous.run, int(record.fold), device)
+                if setup.previous is not None else None)
     predictor = Predictor([trained], overlap=float(record.validation["overlap"]),
-                          mirror_axes=tuple(axes) if axes else None, device=device)
+                          mirror_axes=tuple(axes) if axes else None, device=device, previous_stage=previous)
     metrics = validate_fold(predictor, setup.prepared.manifest, setup.val_ids, fold_dir, record.fold,
                             extra={"epochs": trainer.current_epoch, "checkpoint": trained.source, "timing": timing,
-                                   "precision": {"training": record.precision, "validation": predictor.precision}})
+                                   "precision": {"training": record.precision, "validation": predictor.precision}},
+                            next_stage=next_stage_export(setup.plan, setup.config, fold_dir))
     log.info("fold %s validation: mean Dice %.4f %s", record.fold, metrics["dice_mean"], metrics["dice"])
     return metrics
+
+
+def _complete_next_stage(cfg: DictConfig, setup: RunSetup, fold_dir: Path) -> None:
+    """A finished 3d_lowres fold whose held-out predictions for the cascade are missing (validated before they were
+    written) writes them, from the weights its validation used."""
+    export = next_stage_export(setup.plan, setup.config, fold_dir)
+    if export is None or not setup.val_ids or all(export.done(c) for c in setup.val_ids) \
+            or not _is_first_process():
+        return
+    record = setup.record
+    device = torch.device("cuda" if on_gpu(cfg) else "cpu")
+    chosen = layout.checkpoint(fold_dir, str(record.validation["checkpoint"]))
+    axes = record.validation.get("mirror_axes")
+    predictor = Predictor([load_checkpoint(chosen if chosen.is_file() else layout.checkpoint(fold_dir), device)],
+                          overlap=float(record.validation["overlap"]), mirror_axes=tuple(axes) if axes else None,
+                          device=device)
+    written = write_missing_next_stage(export, predictor, setup.prepared.manifest, setup.val_ids)
+    log.info("%s: wrote the %s predictions of %d held-out case(s) to %s", fold_dir, export.config.name, written,
+             export.folder)

@@ -27,9 +27,11 @@ from medseg.models import check_model_keys
 from medseg.planning.plan import ConfigurationPlan, Plan
 from medseg.precision import cuda_capability, deterministic_setting, training_precision
 from medseg.record import Component, RunRecord
+from medseg.training.cascade import check_cascade_keys
 
-# the cascade's fullres stage needs the low-resolution stage's predictions as input
-TRAINABLE = ("2d", "3d_fullres", "3d_lowres")
+# 3d_cascade_fullres: with the out-of-fold predictions of a 3d_lowres run as extra inputs (training.cascade)
+TRAINABLE = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
+CASCADES = ("3d_cascade_fullres",)
 AUGMENTATION_RUN_ON = ("auto", "device", "loader")
 # set by medseg itself, not by the trainer config
 _MANAGED_TRAINER_KEYS = {"logger", "callbacks", "enable_progress_bar", "default_root_dir", "plugins",
@@ -86,7 +88,8 @@ def num_workers(cfg: DictConfig) -> int:
 
 
 def augmentation_settings(cfg: DictConfig, patch_size) -> tuple[AugmentationSettings | None, bool]:
-    """The config's augmentation (None when disabled) and whether it runs on the training device."""
+    """The config's augmentation (None when disabled) and whether it runs on the training device (never for a
+    cascade: its previous-stage channels are augmented on the host, after the rest, see loading.previous_stage)."""
     aug = cfg.get("augmentation")
     if aug is None or not aug.enabled:
         return None, False
@@ -98,7 +101,8 @@ def augmentation_settings(cfg: DictConfig, patch_size) -> tuple[AugmentationSett
         raise ConfigError(f"augmentation: unknown key(s) {unknown}; accepted: {sorted(known | {'enabled', 'run_on'})}")
     settings = nnunet_settings(list(patch_size), **overrides)
     run_on = aug.get("run_on", "auto")
-    return settings, run_on == "device" or (run_on == "auto" and on_gpu(cfg))
+    on_device = run_on == "device" or (run_on == "auto" and on_gpu(cfg))
+    return settings, on_device and cfg.get("configuration") not in CASCADES
 
 
 def validation_mirror_axes(value, augmentation: AugmentationSettings | None, spatial_dims: int):
@@ -118,6 +122,10 @@ def check_config(cfg: DictConfig) -> None:
     aug = cfg.get("augmentation")
     if aug is not None and aug.get("run_on", "auto") not in AUGMENTATION_RUN_ON:
         raise ConfigError(f"augmentation.run_on={aug.run_on!r}: expected one of {list(AUGMENTATION_RUN_ON)}")
+    check_cascade_keys(cfg.get("cascade"))
+    if cfg.configuration in CASCADES and aug is not None and aug.get("run_on", "auto") == "device":
+        raise ConfigError(f"augmentation.run_on=device: {cfg.configuration} augments its previous-stage channels "
+                          "with scipy in the loader, after the spatial transforms; use run_on=loader or auto")
     for group, check in (("model", check_model_keys), ("loss", check_loss_keys)):
         values = config_dict(cfg[group])
         check(str(values.pop("name")), values)  # keys only: nothing is built before the plan exists
@@ -162,8 +170,9 @@ def _scheduler(cfg: DictConfig) -> Component | None:
 
 
 def resolve_run(cfg: DictConfig, plan: Plan, config: ConfigurationPlan, fold: int | str, num_train: int,
-                num_val: int) -> RunRecord:
-    """The run's settings from the config and the (model-adapted) configuration plan."""
+                num_val: int, previous_stage: dict | None = None) -> RunRecord:
+    """The run's settings from the config and the (model-adapted) configuration plan; ``previous_stage``: a
+    cascade's (medseg.training.cascade.previous_stage_record)."""
     model_kwargs = config_dict(cfg.model)
     model_name = str(model_kwargs.pop("name"))
     loss_kwargs = config_dict(cfg.loss)
@@ -187,7 +196,7 @@ def resolve_run(cfg: DictConfig, plan: Plan, config: ConfigurationPlan, fold: in
         devices=kwargs.get("devices", 1), gradient_clip_val=kwargs.get("gradient_clip_val"),
         augmentation=_plain(dataclasses.asdict(augmentation)) if augmentation is not None else None,
         augment_on_device=augment_on_device, num_workers=num_workers(cfg), plan_key=str(plan.fingerprint_key),
-        validation=validation)
+        validation=validation, previous_stage=previous_stage)
 
 
 def _plain(value):

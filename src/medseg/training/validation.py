@@ -11,13 +11,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from medseg.datasets.io import read_image, read_label, write_label
+from medseg.datasets.io import image_suffix, read_image, read_label, write_label
 from medseg.datasets.manifest import Manifest
 from medseg.atomic import dumps_json, number, write_json
-from medseg.evaluation.metrics import DEFAULT_TOLERANCE_MM, case_metrics, summarize, write_case_csv
+from medseg.evaluation.metrics import (DEFAULT_TOLERANCE_MM, case_metrics, scheme_targets, summarize,
+                                      write_case_csv)
 from medseg.evaluation.postprocessing import CANDIDATES_FILE, candidate_rows
 from medseg.inference.predictor import Predictor
 from medseg.layout import METRICS, PER_CASE, VALIDATION
+from medseg.training.cascade import NextStageExport
 
 log = logging.getLogger(__name__)
 JOURNAL = "progress.jsonl"  # in validation/: one line per scored case, removed once metrics.json is written
@@ -49,7 +51,7 @@ def _read_journal(path: Path, identity: str, out_dir: Path) -> dict[str, dict]:
             return {}
         for line in lines[1:]:
             entry = json.loads(line)  # a line cut short by the interruption ends the journal
-            if (out_dir / f"{entry['row']['case_id']}.nii.gz").is_file():
+            if (out_dir / entry.get("file", f"{entry['row']['case_id']}.nii.gz")).is_file():
                 done[entry["row"]["case_id"]] = entry
     except (ValueError, KeyError, TypeError):
         pass
@@ -57,15 +59,20 @@ def _read_journal(path: Path, identity: str, out_dir: Path) -> dict[str, dict]:
 
 
 def validate_fold(predictor: Predictor, manifest: Manifest, case_ids: list[str], fold_dir: Path,
-                  fold: int | str, progress: bool = True, extra: dict | None = None) -> dict:
-    """Writes fold_dir/validation/<case>.nii.gz, validation/per_case.csv and metrics.json; returns metrics.
+                  fold: int | str, progress: bool = True, extra: dict | None = None,
+                  next_stage: NextStageExport | None = None) -> dict:
+    """Writes fold_dir/validation/<case><the label file's suffix>, validation/per_case.csv and metrics.json;
+    returns metrics. ``next_stage`` (a 3d_lowres fold in a cascade): each prediction also on the next stage's grid.
     Each scored case is journaled, so an interrupted validation continues where it stopped."""
-    names = {c: n for c, n in manifest.labels.items() if c != 0}
+    scheme = manifest.label_scheme
+    names, members = scheme_targets(scheme)
     out_dir = fold_dir / VALIDATION
     out_dir.mkdir(parents=True, exist_ok=True)
     journal = out_dir / JOURNAL
     identity = ";".join(_checkpoint_identity(str(m.source)) for m in getattr(predictor, "models", []))
     done = _read_journal(journal, identity, out_dir)
+    if next_stage is not None:  # a case counts as done once its next-stage file is written too
+        done = {k: v for k, v in done.items() if next_stage.done(k)}
     if done:
         log.info("validation of fold %s continues: %d of %d cases were scored before", fold, len(done), len(case_ids))
     with open(journal, "w") as f:  # rewritten: only the entries still valid, then the new ones
@@ -78,7 +85,8 @@ def validate_fold(predictor: Predictor, manifest: Manifest, case_ids: list[str],
     for case_id in tqdm(case_ids, desc=f"validate fold {fold}", disable=not progress):
         if case_id in done:
             rows.append(_nulls_to_nan(done[case_id]["row"]))
-            candidates.append(_nulls_to_nan(done[case_id]["candidates"]))
+            if done[case_id]["candidates"]:
+                candidates.append(_nulls_to_nan(done[case_id]["candidates"]))
             predict_s.append(done[case_id]["seconds"])
             continue
         case = manifest.case(case_id)
@@ -88,14 +96,25 @@ def validate_fold(predictor: Predictor, manifest: Manifest, case_ids: list[str],
         start = time.perf_counter()
         pred = predictor.predict_label(image, geometry.spacing)
         predict_s.append(time.perf_counter() - start)
-        write_label(pred, geometry, out_dir / f"{case_id}.nii.gz")
-        scores = case_metrics(pred, reference, dict(sorted(names.items())), geometry.spacing)
+        # the dataset's own format (a PNG dataset validates to PNG files), NIfTI where the label's is not writable
+        output = out_dir / f"{case_id}{image_suffix(case.label) or '.nii.gz'}"
+        write_label(pred, geometry, output)
+        if next_stage is not None:
+            next_stage.write(case_id, image, geometry.spacing, pred)
+        scores = case_metrics(pred, reference, names, geometry.spacing, members=members,
+                              ignore_label=scheme.ignore_label)
         rows.append({"case_id": case_id, "fold": fold, **scores})
-        candidates.append(candidate_rows(case_id, pred, reference, manifest.labels))
+        # post-processing is decided on labels; on regions it is not yet
+        candidate = None if scheme.has_regions else \
+            candidate_rows(case_id, pred, reference, manifest.labels, scheme.ignore_label)
+        if candidate is not None:
+            candidates.append(candidate)
         with open(journal, "a") as f:
-            f.write(dumps_json({"row": rows[-1], "candidates": candidates[-1], "seconds": predict_s[-1]}) + "\n")
+            f.write(dumps_json({"row": rows[-1], "candidates": candidate, "seconds": predict_s[-1],
+                                "file": output.name}) + "\n")
     write_case_csv(rows, out_dir / PER_CASE)
-    write_case_csv(candidates, out_dir / CANDIDATES_FILE)
+    if candidates:
+        write_case_csv(candidates, out_dir / CANDIDATES_FILE)
     metrics = {"fold": fold, **(extra or {}), **summarize(rows, names), "nsd_tolerance_mm": DEFAULT_TOLERANCE_MM}
     metrics["timing"] = {**metrics.get("timing", {}),
                          "inference_s_per_case": float(np.mean(predict_s)) if predict_s else None,
