@@ -118,6 +118,13 @@ def test_region_based_dataset_end_to_end(tmp_path):
     pred0 = pairs["new0"][0].transpose(2, 1, 0)  # (z, y, x) array order, as the probabilities
     assert np.mean(painted == pred0) > 0.999  # float16 rounding may flip a voxel sitting at 0.5
     assert summary["classes"] == {"1": "whole_tumor", "2": "tumor_core", "3": "enhancing_tumor"}
+    # post-processing is decided on the regions, from the fold's validation
+    run_dir = next((tmp_path / "outputs" / root.name).glob("unet__dice_ce*"))
+    decided = _run("medseg-postprocess", f"run_dir={run_dir}", cwd=tmp_path)
+    assert decided.returncode == 0, decided.stderr[-3000:]
+    spec = json.loads((run_dir / "postprocessing.json").read_text())
+    assert set(spec["evidence"]["per_class"]) == set(regions)
+    assert [e["label"] for e in spec["evidence"]["per_class"].values()] == [[1, 2, 3], [2, 3], [3]]
     # the evaluation's region Dice is computed from the label maps: check one case by hand
     pred, ref = pairs["new0"]
     wt_p, wt_r = pred >= 1, ref >= 1

@@ -240,3 +240,28 @@ def test_validate_fold_writes_postprocessing_candidates(synthetic_root, tmp_path
     for r in rows:
         assert float(r["none_dice_outer"]) < 1.0 and float(r["lcc_dice_outer"]) == 1.0
         assert float(r["none_dice_inner"]) == float(r["allfg_dice_inner"]) == 1.0
+
+
+def test_regions_are_post_processed_as_regions():
+    """nnU-Net's region-based post-processing: a region's largest component is kept over all its values, and a
+    stray blob of an inner label outside the tumour is removed from every region holding it."""
+    ref = np.zeros((20, 20, 20), np.int16)
+    ref[4:12, 4:12, 4:12] = 1
+    ref[6:10, 6:10, 6:10] = 2  # core inside the whole tumour
+    pred = ref.copy()
+    pred[15:18, 15:18, 15:18] = 2  # a stray core blob far away: wrong for both regions
+    members = {1: (1, 2), 2: (2,)}
+    names = {1: "whole", 2: "core"}
+    rows = [candidate_rows(f"c{i}", pred, ref, names, None, members) for i in range(2)]
+    assert rows[0]["none_dice_whole"] < 1.0 and rows[0]["lcc_dice_whole"] == 1.0
+    assert rows[0]["lcc_dice_core"] == 1.0
+    spec, evidence = decide(rows, names, members)
+    assert spec.all_foreground  # one component over all foreground already removes the blob
+    assert PostprocessingSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    # per region: the whole-tumour region keeps its largest component across labels 1 and 2
+    cleaned = apply_postprocessing(pred, PostprocessingSpec(classes=[[1, 2]]))
+    assert np.array_equal(cleaned, ref)
+    # a region spec keeps a region's component even where its values differ: label 1 and 2 touch, one component
+    assert np.array_equal(keep_largest_component(ref, [[1, 2]]), ref)
+    # the one-value region (core) alone also removes the blob, as label 2's own step does
+    assert np.array_equal(keep_largest_component(pred, [[2]]), keep_largest_component(pred, [2]))

@@ -44,7 +44,8 @@ NAN = float("nan")
 Tolerance = float | Mapping[str | int, float]
 
 
-def _dice(p: np.ndarray, r: np.ndarray) -> float:
+def dice_of_masks(p: np.ndarray, r: np.ndarray) -> float:
+    """Dice of two boolean masks; NaN where both are empty."""
     denom = int(p.sum()) + int(r.sum())
     return NAN if denom == 0 else 2.0 * int((p & r).sum()) / denom
 
@@ -54,8 +55,8 @@ def dice_per_class(pred: np.ndarray, ref: np.ndarray, classes: list[int], valid:
     """Dice per class; NaN where the class is absent from both (it then does not enter means). Only voxels
     where ``valid`` (not the ignore label) count."""
     if valid is None:
-        return {c: _dice(pred == c, ref == c) for c in classes}
-    return {c: _dice((pred == c) & valid, (ref == c) & valid) for c in classes}
+        return {c: dice_of_masks(pred == c, ref == c) for c in classes}
+    return {c: dice_of_masks((pred == c) & valid, (ref == c) & valid) for c in classes}
 
 
 def class_tolerances(class_names: Mapping[int, str], tolerance_mm: Tolerance) -> dict[int, float]:
@@ -113,7 +114,7 @@ def class_metrics(p: np.ndarray, r: np.ndarray, spacing: Sequence[float], tolera
     if not (in_pred and in_ref):
         return {"dice": 0.0, "hd95": NAN, "nsd": 0.0}
     hd95, nsd = _surface_metrics(p, r, spacing, tolerance_mm)
-    return {"dice": _dice(p, r), "hd95": hd95, "nsd": nsd}
+    return {"dice": dice_of_masks(p, r), "hd95": hd95, "nsd": nsd}
 
 
 def case_metrics(pred: np.ndarray, ref: np.ndarray, class_names: Mapping[int, str], spacing: Sequence[float],

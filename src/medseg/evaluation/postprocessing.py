@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from medseg.datasets.labels import LabelScheme
 from medseg.errors import MedsegError
-from medseg.datasets.labels import IGNORE_NAME
-from medseg.evaluation.metrics import dice_per_class
-from medseg.inference.postprocessing import PostprocessingSpec, bounding_box, keep_largest_component
+from medseg.evaluation.metrics import dice_of_masks, scheme_targets
+from medseg.inference.postprocessing import (PostprocessingSpec, Target, bounding_box, keep_largest_component,
+                                             target_mask)
 from medseg.layout import CANDIDATES as CANDIDATES_FILE
 from medseg.layout import METRICS, PLAN, VALIDATION, fold_dirs
 
@@ -28,33 +29,38 @@ _CANDIDATES = ("none", "allfg", "lcc", "allfg_lcc")  # column prefixes, see cand
 # ---- per-case candidates and the cross-validation decision ---------------------------------------------
 
 def candidate_rows(case_id: str, pred: np.ndarray, reference: np.ndarray, labels: dict[int, str],
-                   ignore_label: int | None = None) -> dict:
+                   ignore_label: int | None = None, members: dict[int, tuple[int, ...]] | None = None) -> dict:
     """One case's Dice per class under each candidate, columns ``<candidate>_dice_<class name>``:
     none (raw prediction), allfg (all-foreground largest component), lcc (that class's largest component)
     and allfg_lcc (both, in apply_postprocessing's order). Keeping one class's component changes only that
     class's Dice, so the lcc and allfg_lcc columns of a class are that class's Dice with only its own step.
+    ``members``: the label values of each class (regions, keyed as ``labels``; default: the class's own value).
     Voxels whose reference is ``ignore_label`` are scored in no class (components still connect through them)."""
     names = {c: n for c, n in labels.items() if c != 0 and c != ignore_label}
-    classes = sorted(names)
+    targets = {c: list(members[c]) if members is not None else c for c in names}
     # every candidate only removes predicted voxels, so all Dice values are the same on the box around
     # prediction and reference together, which is usually far smaller than the scan
     box = bounding_box((pred != 0) | (reference != 0))
     if box is not None:
         pred, reference = pred[box], reference[box]
     valid = None if ignore_label is None else reference != ignore_label
+
+    def dice(label: np.ndarray, c: int) -> float:
+        p, r = target_mask(label, targets[c]), target_mask(reference, targets[c])
+        if valid is not None:
+            p, r = p & valid, r & valid
+        return dice_of_masks(p, r)
+
     allfg = keep_largest_component(pred, all_foreground=True)
-    none_dice = dice_per_class(pred, reference, classes, valid)
-    allfg_dice = dice_per_class(allfg, reference, classes, valid)
     row: dict[str, str | float] = {"case_id": case_id}
-    for c in classes:
-        lcc = dice_per_class(keep_largest_component(pred, [c]), reference, [c], valid)[c]
+    for c in sorted(names):
+        lcc = dice(keep_largest_component(pred, [targets[c]]), c)
         # the all-foreground step only removes voxels: where it removed none of this class, the class's own
         # step gives the same result on either input, so label only once
-        untouched = np.count_nonzero(allfg == c) == np.count_nonzero(pred == c)
-        allfg_lcc = lcc if untouched else dice_per_class(keep_largest_component(allfg, [c]), reference, [c],
-                                                         valid)[c]
-        for candidate, dice in zip(_CANDIDATES, (none_dice[c], allfg_dice[c], lcc, allfg_lcc)):
-            row[f"{candidate}_dice_{names[c]}"] = dice
+        untouched = np.count_nonzero(target_mask(allfg, targets[c])) == np.count_nonzero(target_mask(pred, targets[c]))
+        allfg_lcc = lcc if untouched else dice(keep_largest_component(allfg, [targets[c]]), c)
+        for candidate, value in zip(_CANDIDATES, (dice(pred, c), dice(allfg, c), lcc, allfg_lcc)):
+            row[f"{candidate}_dice_{names[c]}"] = value
     return row
 
 
@@ -77,8 +83,10 @@ def _json_number(x: float) -> float | None:
     return None if math.isnan(x) else round(x, 6)
 
 
-def decide(rows: list[dict], labels: dict[int, str]) -> tuple[PostprocessingSpec, dict]:
-    """nnU-Net's rule on the candidate rows of all validation cases (NaNs skipped, ties mean off)."""
+def decide(rows: list[dict], labels: dict[int, str], members: dict[int, tuple[int, ...]] | None = None,
+           ) -> tuple[PostprocessingSpec, dict]:
+    """nnU-Net's rule on the candidate rows of all validation cases (NaNs skipped, ties mean off). ``members``:
+    the label values of each class where the classes are regions (the spec then names regions by their values)."""
     names = {c: n for c, n in sorted(labels.items()) if c != 0}
     none = {n: _mean(rows, f"none_dice_{n}") for n in names.values()}
     allfg = {n: _mean(rows, f"allfg_dice_{n}") for n in names.values()}
@@ -88,12 +96,14 @@ def decide(rows: list[dict], labels: dict[int, str]) -> tuple[PostprocessingSpec
     all_foreground = _better(fg_allfg, fg_none) and not worse
 
     base, prefix = (allfg, "allfg_lcc") if all_foreground else (none, "lcc")
-    per_class, classes = {}, []
+    per_class: dict = {}
+    classes: list[Target] = []
     for c, n in names.items():
         after = _mean(rows, f"{prefix}_dice_{n}")
         enabled = _better(after, base[n])
-        classes += [c] if enabled else []
-        per_class[n] = {"label": c, "before": _json_number(base[n]), "after": _json_number(after),
+        target: Target = list(members[c]) if members is not None else c
+        classes += [target] if enabled else []
+        per_class[n] = {"label": target, "before": _json_number(base[n]), "after": _json_number(after),
                         "enabled": enabled}
     evidence = {
         "num_cases": len(rows),
@@ -110,28 +120,23 @@ def decide(rows: list[dict], labels: dict[int, str]) -> tuple[PostprocessingSpec
 
 # ---- a run directory ------------------------------------------------------------------------------------
 
-def _run_labels(fold_dir: Path) -> dict[int, str]:
-    """The run's labels that post-processing decides on (the ignore label is none of them); a run with
-    region-based labels is refused: its candidates are not scored yet."""
+def _run_targets(fold_dir: Path) -> tuple[dict[int, str], dict[int, tuple[int, ...]] | None]:
+    """The classes post-processing decides on (the ignore label is none of them): the run's regions with their
+    values, or its labels."""
     path = fold_dir / PLAN
     try:
-        plan = json.loads(path.read_text())
-        labels = {int(k): v for k, v in plan["labels"].items() if v != IGNORE_NAME}
-    except (OSError, ValueError, KeyError) as e:
+        scheme = LabelScheme.from_dict(json.loads(path.read_text()))  # the plan's labels, regions and their order
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise MedsegError(f"{path}: cannot read the labels of the run ({e})") from e
-    if plan.get("regions"):
-        raise MedsegError(f"{fold_dir.parent}: the run has region-based labels; post-processing is decided for "
-                          "ordinary labels only, so its predictions are used as they are")
-    return labels
+    names, members = scheme_targets(scheme)
+    return names, members if scheme.has_regions else None
 
 
 def decide_for_run(run_dir: str | Path) -> tuple[PostprocessingSpec, dict]:
     """Decide from the candidates of every finished fold (fold_*/metrics.json) of a <model>__<loss> run."""
     run_dir = Path(run_dir)
-    finished = [d for d in fold_dirs(run_dir) if (d / METRICS).is_file()]
-    if finished:
-        _run_labels(finished[0])  # a run with regions is refused before its missing candidates are reported
-    folds = [d for d in finished if (d / VALIDATION / CANDIDATES_FILE).is_file()]
+    folds = [d for d in fold_dirs(run_dir) if (d / METRICS).is_file()
+             and (d / VALIDATION / CANDIDATES_FILE).is_file()]
     if not folds:
         raise MedsegError(f"{run_dir}: no finished fold has validation/{CANDIDATES_FILE}; train (or re-validate) "
                           f"at least one fold with this version of medseg first")
@@ -140,7 +145,7 @@ def decide_for_run(run_dir: str | Path) -> tuple[PostprocessingSpec, dict]:
         with open(fold / VALIDATION / CANDIDATES_FILE, newline="") as f:
             rows += list(csv.DictReader(f))
     try:
-        spec, evidence = decide(rows, _run_labels(folds[0]))
+        spec, evidence = decide(rows, *_run_targets(folds[0]))
     except KeyError as e:
         raise MedsegError(f"{run_dir}: {CANDIDATES_FILE} lacks column {e}; "
                           f"were the folds trained with other labels?") from e

@@ -49,13 +49,22 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def keep_largest_component(label: np.ndarray, classes: list[int] | None = None,
+Target = int | list[int] | tuple[int, ...]  # a label value, or the values of a region
+
+
+def target_mask(label: np.ndarray, target: Target) -> np.ndarray:
+    if isinstance(target, (list, tuple)):
+        return label == target[0] if len(target) == 1 else np.isin(label, list(target))
+    return label == target
+
+
+def keep_largest_component(label: np.ndarray, classes: list[Target] | None = None,
                            all_foreground: bool = False) -> np.ndarray:
     """A copy of ``label`` where voxels outside the largest component are set to background (0).
 
     ``all_foreground``: one component over the union of all foreground classes (``classes`` must be None).
-    Otherwise: each class in ``classes`` (default: every foreground class present) keeps its own largest
-    component; the others are untouched."""
+    Otherwise: each class in ``classes`` (default: every foreground class present; a list of values is a region,
+    nnU-Net's region-based post-processing) keeps its own largest component; the others are untouched."""
     out = np.array(label, copy=True)
     masks: Iterable[np.ndarray]
     if all_foreground:
@@ -64,7 +73,7 @@ def keep_largest_component(label: np.ndarray, classes: list[int] | None = None,
         masks = [out != 0]
     else:
         classes = [int(c) for c in np.unique(out) if c != 0] if classes is None else classes
-        masks = (out == c for c in classes)  # one at a time: there may be many classes
+        masks = (target_mask(out, c) for c in classes)  # one at a time: there may be many classes
     for mask in masks:
         out[mask & ~_largest_component(mask)] = 0
     return out
@@ -75,14 +84,15 @@ def keep_largest_component(label: np.ndarray, classes: list[int] | None = None,
 @dataclass
 class PostprocessingSpec:
     all_foreground: bool = False
-    classes: list[int] = field(default_factory=list)
+    classes: list[Target] = field(default_factory=list)  # label values, or regions as lists of values
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "PostprocessingSpec":
-        return cls(all_foreground=bool(d["all_foreground"]), classes=[int(c) for c in d["classes"]])
+        return cls(all_foreground=bool(d["all_foreground"]),
+                   classes=[[int(v) for v in c] if isinstance(c, list) else int(c) for c in d["classes"]])
 
     @property
     def enabled(self) -> bool:

@@ -85,8 +85,7 @@ def validate_fold(predictor: Predictor, manifest: Manifest, case_ids: list[str],
     for case_id in tqdm(case_ids, desc=f"validate fold {fold}", disable=not progress):
         if case_id in done:
             rows.append(_nulls_to_nan(done[case_id]["row"]))
-            if done[case_id]["candidates"]:
-                candidates.append(_nulls_to_nan(done[case_id]["candidates"]))
+            candidates.append(_nulls_to_nan(done[case_id]["candidates"]))
             predict_s.append(done[case_id]["seconds"])
             continue
         case = manifest.case(case_id)
@@ -104,17 +103,14 @@ def validate_fold(predictor: Predictor, manifest: Manifest, case_ids: list[str],
         scores = case_metrics(pred, reference, names, geometry.spacing, members=members,
                               ignore_label=scheme.ignore_label)
         rows.append({"case_id": case_id, "fold": fold, **scores})
-        # post-processing is decided on labels; on regions it is not yet
-        candidate = None if scheme.has_regions else \
-            candidate_rows(case_id, pred, reference, manifest.labels, scheme.ignore_label)
-        if candidate is not None:
-            candidates.append(candidate)
+        candidate = candidate_rows(case_id, pred, reference, names, scheme.ignore_label,
+                                   members if scheme.has_regions else None)
+        candidates.append(candidate)
         with open(journal, "a") as f:
             f.write(dumps_json({"row": rows[-1], "candidates": candidate, "seconds": predict_s[-1],
                                 "file": output.name}) + "\n")
     write_case_csv(rows, out_dir / PER_CASE)
-    if candidates:
-        write_case_csv(candidates, out_dir / CANDIDATES_FILE)
+    write_case_csv(candidates, out_dir / CANDIDATES_FILE)
     metrics = {"fold": fold, **(extra or {}), **summarize(rows, names), "nsd_tolerance_mm": DEFAULT_TOLERANCE_MM}
     metrics["timing"] = {**metrics.get("timing", {}),
                          "inference_s_per_case": float(np.mean(predict_s)) if predict_s else None,
