@@ -95,16 +95,20 @@ class LabelScheme:
         """The classes a foreground patch is centred on, as sets of values: the regions, or (None) each value."""
         return [r.values for r in self.regions] if self.has_regions else None
 
-    @property
-    def activation(self) -> str:
-        return "sigmoid" if self.has_regions else "softmax"
-
     # ---- label maps -> training targets, network outputs -> label maps --------------------------------------
-    def region_masks(self, label: torch.Tensor) -> torch.Tensor:
-        """(B, 1, *spatial) label map -> (B, R, *spatial) float region masks (the sigmoid heads' targets)."""
-        parts = [torch.isin(label, torch.tensor(r.values, device=label.device, dtype=label.dtype))
-                 for r in self.regions]
-        return torch.cat(parts, dim=1).to(torch.float32)
+    def region_table(self) -> torch.Tensor:
+        """(value_bound, R) float: 1 where a label value belongs to a region. Kept on the training device, it
+        makes the region targets one gather, with no tensor built on the host per step."""
+        table = torch.zeros(self.value_bound, max(len(self.regions), 1))
+        for i, region in enumerate(self.regions):
+            table[list(region.values), i] = 1.0
+        return table
+
+    def region_masks(self, label: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 1, *spatial) label map -> (B, R, *spatial) float region masks (the sigmoid heads' targets);
+        ``table``: ``region_table()`` already on the label's device."""
+        table = self.region_table().to(label.device) if table is None else table
+        return table[label[:, 0].long()].movedim(-1, 1)
 
     def valid_mask(self, label: torch.Tensor | np.ndarray):
         """True where a voxel is annotated (not the ignore label); None without an ignore label."""

@@ -50,13 +50,9 @@ def dice_of_masks(p: np.ndarray, r: np.ndarray) -> float:
     return NAN if denom == 0 else 2.0 * int((p & r).sum()) / denom
 
 
-def dice_per_class(pred: np.ndarray, ref: np.ndarray, classes: list[int], valid: np.ndarray | None = None,
-                   ) -> dict[int, float]:
-    """Dice per class; NaN where the class is absent from both (it then does not enter means). Only voxels
-    where ``valid`` (not the ignore label) count."""
-    if valid is None:
-        return {c: dice_of_masks(pred == c, ref == c) for c in classes}
-    return {c: dice_of_masks((pred == c) & valid, (ref == c) & valid) for c in classes}
+def dice_per_class(pred: np.ndarray, ref: np.ndarray, classes: list[int]) -> dict[int, float]:
+    """Dice per class; NaN where the class is absent from both (it then does not enter means)."""
+    return {c: dice_of_masks(pred == c, ref == c) for c in classes}
 
 
 def class_tolerances(class_names: Mapping[int, str], tolerance_mm: Tolerance) -> dict[int, float]:

@@ -33,12 +33,7 @@ class LabelSchemeLoss(nn.Module):
         table = torch.zeros(scheme.value_bound, dtype=torch.long)
         table[torch.tensor(values)] = torch.arange(len(values))
         self.register_buffer("channel_of_value", table, persistent=False)
-        # and a value -> region-membership table makes the region targets one gather on the device, with no
-        # tensor built on the host per step
-        regions = torch.zeros(scheme.value_bound, max(len(scheme.regions), 1))
-        for i, region in enumerate(scheme.regions):
-            regions[list(region.values), i] = 1.0
-        self.register_buffer("regions_of_value", regions, persistent=False)
+        self.register_buffer("regions_of_value", scheme.region_table(), persistent=False)
 
     def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         label = label.long()
@@ -47,7 +42,7 @@ class LabelSchemeLoss(nn.Module):
         valid = self.scheme.valid_mask(label)
         weight = valid.to(logits.dtype) if valid is not None else None
         if self.scheme.has_regions:
-            target = self.regions_of_value[label[:, 0]].movedim(-1, 1).to(logits.dtype)
+            target = self.scheme.region_masks(label, self.regions_of_value).to(logits.dtype)
             probabilities = torch.sigmoid(logits)
             ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
             if weight is not None:
