@@ -14,6 +14,8 @@ PACKAGE = Path(medseg.__file__).parent
 
 
 def _stage(module: str) -> str:
+    if module == "medseg.__init__":  # the package's public face (``medseg.Segmenter``, imported lazily): a top
+        return "cli"                 # entry point like the command-line tools, above every stage
     parts = module.split(".")
     return parts[1] if len(parts) > 1 and parts[1] in ORDER else "shared"
 

@@ -55,6 +55,10 @@ class RunRecord:
     validation: dict[str, Any]
     # a cascade stage's inputs: {"configuration", "run" (relative to this run's folder), "folds"}; None otherwise
     previous_stage: dict[str, Any] | None = None
+    # the checkpoint file the weights started from (init_from, resolved), or None: trained from scratch
+    init_from: str | None = None
+    # {"freeze_encoder_epochs", "warmup_epochs"} where either is set; None: neither (records from before them)
+    finetune: dict[str, int] | None = None
     version: int = RECORD_VERSION
 
     # settings that change what a finished fold's weights or scores mean; the rest (workers, where

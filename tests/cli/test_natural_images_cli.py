@@ -24,10 +24,13 @@ def test_png_dataset_plans_trains_predicts_and_evaluates(tmp_path):
     common = ["data=nnunet_raw", f"data.root={root}", "paths.output=outputs",
               "paths.preprocessed=outputs/preprocessed"]
 
-    plan = _run("medseg-plan", *common, "preprocess=[2d]", "num_processes=1", cwd=tmp_path)
+    # the default preprocess=[auto] is the plan's main configuration, 2d for pictures
+    plan = _run("medseg-plan", *common, "num_processes=1", cwd=tmp_path)
     assert plan.returncode == 0, plan.stderr[-3000:]
     plans = json.loads((tmp_path / "outputs" / "preprocessed" / DATASET / "plans.json").read_text())
     assert list(plans["configurations"]) == ["2d"]
+    cached = list((tmp_path / "outputs" / "preprocessed" / DATASET).glob("*/*_seg.npy"))
+    assert len(cached) == 12 and {p.parent.name for p in cached} == {"2d"}
     assert plans["configurations"]["2d"]["normalization"] == ["zscore"] * 3  # R, G, B: nnU-Net's default
 
     # the default configuration is not planned for pictures: one clear line, before any training

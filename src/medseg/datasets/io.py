@@ -1,6 +1,8 @@
 """Reading and writing volumes with their geometry.
 
-NIfTI goes through nibabel (keeps the exact affine and header); NRRD/MHA/other ITK formats through SimpleITK.
+NIfTI goes through nibabel (keeps the exact affine and header); NRRD/MHA/other ITK formats through SimpleITK;
+DICOM image series (a folder of one, or a medseg.datasets.dicom.DicomSeries) and DICOM-SEG labels through
+medseg.datasets.dicom (headers checked with pydicom, voxels read by SimpleITK, SEGs by highdicom).
 2D natural images (PNG, BMP, TIFF) go through SimpleITK too and are read as nnU-Net v2's NaturalImage2DIO reads
 them: one slice of a 3D volume with spacing (999, 1, 1), a colour image's channels as a trailing channel axis.
 Arrays are channel-first with spatial axes in SimpleITK's (z, y, x) order, the file's last voxel axis first,
@@ -14,6 +16,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
@@ -21,6 +24,9 @@ import SimpleITK as sitk
 
 from medseg.atomic import atomic_path
 from medseg.errors import VolumeError, WriteError
+
+if TYPE_CHECKING:
+    from medseg.datasets.dicom import ImageInput
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -51,11 +57,14 @@ class Geometry:
 
     shape: tuple[int, ...]  # spatial shape, array (z, y, x) order
     spacing: tuple[float, ...]  # array order
-    affine: np.ndarray  # 4x4, file voxel index (i, j, k) -> world (RAS for NIfTI, LPS for ITK formats)
-    kind: str  # "nifti", "itk" or "natural" (a 2D PNG/BMP/TIFF: shape (1, y, x), no world frame)
+    affine: np.ndarray  # 4x4, file voxel index (i, j, k) -> world (RAS for NIfTI and DICOM, LPS for ITK formats)
+    # "nifti", "itk", "dicom" (a DICOM series) or "natural" (a 2D PNG/BMP/TIFF: shape (1, y, x), no world frame)
+    kind: str
     header: object | None = field(default=None, repr=False)  # nibabel header, reused on write
     direction: tuple[float, ...] | None = None  # ITK direction cosines
     origin: tuple[float, ...] | None = None  # ITK origin
+    # a DICOM series' checked headers (medseg.datasets.dicom.CheckedSeries): what a DICOM-SEG of it references
+    source: object | None = field(default=None, repr=False)
 
     def same_grid(self, other: "Geometry", atol: float = 1e-4) -> bool:
         return self.shape == other.shape and np.allclose(self.affine, other.affine, atol=atol)
@@ -224,7 +233,7 @@ def orientation(geometry: Geometry) -> str:
     return "".join(str(c) for c in nib.aff2axcodes(affine))
 
 
-def nonfinite_problem(path: str | Path, image: np.ndarray) -> str | None:
+def nonfinite_problem(path: "str | Path | ImageInput", image: np.ndarray) -> str | None:
     """The problem with an image holding NaN or Inf values (z-scoring would spread them over the whole
     volume), or None."""
     if np.isfinite(image).all():
@@ -233,12 +242,22 @@ def nonfinite_problem(path: str | Path, image: np.ndarray) -> str | None:
     return f"{path}: image contains NaN or Inf values ({bad} voxel(s))"
 
 
-def read_image(paths: Sequence[str | Path]) -> tuple[np.ndarray, Geometry]:
-    """Read one case's image channels (one file per channel, or one 4D file) as float32 (c, z, y, x)."""
+def is_dicom_input(path: "str | Path | ImageInput") -> bool:
+    """A DICOM series, a folder (of one series) or a ``.dcm`` file: read by medseg.datasets.dicom."""
+    from medseg.datasets.dicom import DICOM_SUFFIX, DicomSeries
+
+    return isinstance(path, DicomSeries) or Path(path).is_dir() or str(path).lower().endswith(DICOM_SUFFIX)
+
+
+def read_image(paths: "Sequence[str | Path | ImageInput]") -> tuple[np.ndarray, Geometry]:
+    """Read one case's image channels (one file per channel, or one 4D file, or a DICOM series each) as float32
+    (c, z, y, x)."""
+    from medseg.datasets.dicom import read_dicom_image
+
     channels: list[np.ndarray] = []
     geometry: Geometry | None = None
     for p in paths:
-        data, geo = read_volume(p)
+        data, geo = read_dicom_image(p) if is_dicom_input(p) else read_volume(p)  # type: ignore[arg-type]
         if geo.kind == "natural":
             check_natural_image(p, data)
         if data.ndim in (2, 3):
@@ -257,7 +276,12 @@ def read_image(paths: Sequence[str | Path]) -> tuple[np.ndarray, Geometry]:
 
 
 def read_label(path: str | Path) -> tuple[np.ndarray, Geometry]:
-    """Read a label map as int16 (z, y, x); some datasets store labels as float, values must still be integers."""
+    """Read a label map as int16 (z, y, x); some datasets store labels as float, values must still be integers.
+    A ``.dcm`` label is a DICOM-SEG, read onto the grid of the series it references (segment numbers as values)."""
+    if str(path).lower().endswith(".dcm"):
+        from medseg.datasets.dicom import read_dicom_seg
+
+        return read_dicom_seg(path)
     data, geo = read_volume(path)
     data = np.asarray(data)
     if geo.kind == "natural" and _natural_channels(data) > 1:
@@ -320,12 +344,20 @@ def _write_label(label: np.ndarray, geometry: Geometry, path: Path, tmp: Path) -
     ndim = label.ndim
     if suffix in NIFTI_SUFFIXES:
         header = geometry.header.copy() if geometry.header is not None and geometry.kind == "nifti" else None
-        img = nib.Nifti1Image(_reverse_spatial(label, ndim), geometry.affine, header=header)
+        # NIfTI's world is RAS; an ITK format's geometry is LPS
+        affine = geometry.affine
+        if geometry.kind == "itk":
+            affine = np.diag([-1.0, -1.0] + [1.0] * (len(affine) - 2)) @ affine
+        img = nib.Nifti1Image(_reverse_spatial(label, ndim), affine, header=header)
         img.set_data_dtype(label.dtype)
         # keep the input's qform/sform codes and matrices: geometry is copied, not re-derived
         if header is not None:
             img.set_qform(header.get_qform(), code=int(header["qform_code"]))
             img.set_sform(header.get_sform(), code=int(header["sform_code"]))
+        elif geometry.kind in ("dicom", "itk"):  # a scanner's world frame in mm, in both matrices (as ITK writes)
+            img.set_qform(affine, code=1)
+            img.set_sform(affine, code=1)
+            img.header.set_xyzt_units("mm")
         img.header["scl_slope"] = 1
         img.header["scl_inter"] = 0
         nib.save(img, str(tmp))

@@ -22,14 +22,15 @@ from tqdm import tqdm
 
 from medseg.atomic import write_json
 from medseg.datasets.adapters import list_images
+from medseg.datasets.dicom import CheckedSeries, DicomSeries, ImageInput, find_series, listed_inputs
 from medseg.datasets.io import Geometry, nonfinite_problem, read_image, write_label
 from medseg.inference.postprocessing import PostprocessingSpec, apply_postprocessing, load_postprocessing
 from medseg.errors import MedsegError, VolumeError, WriteError
 from medseg.locking import exclusive
-from medseg.inference.cascade import previous_stage_predictor
+from medseg.inference.dicom_seg import write_dicom_seg
 from medseg.inference.predictor import (Predictor, Prepared, check_output_dir, check_output_outside_inputs,
-                                        find_checkpoints, group_cases, load_checkpoint, output_path,
-                                        probabilities_path, write_probabilities)
+                                        dicom_seg_path, group_cases, output_path, probabilities_path,
+                                        write_probabilities)
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +64,13 @@ class BatchSummary:
 @dataclass
 class CaseJob:
     case_id: str
-    inputs: list[Path]
+    inputs: list[ImageInput]
     target: Path
     probabilities: Path | None  # where the class probabilities go, None when not asked for
+    dicom_seg: Path | None = None  # where the DICOM-SEG goes (a DICOM series' case, dicom_seg=true), else None
 
     def done(self) -> bool:
-        return self.target.exists() and (self.probabilities is None or self.probabilities.exists())
+        return self.target.exists() and all(p is None or p.exists() for p in (self.probabilities, self.dicom_seg))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -90,7 +92,8 @@ def resolve_sw_batch_size(value: int | str, device: torch.device) -> int:
 
 def read_image_list(path: Path) -> list[Path]:
     """Image paths of a list file: one per line, ``#`` comments and blank lines ignored, relative paths
-    against the list file's folder. Listed files need not exist: a missing one fails its own case."""
+    against the list file's folder. Listed files need not exist: a missing one fails its own case. DICOM
+    slice files may be listed one by one (medseg.inference.batch.collect_inputs makes them one series)."""
     try:
         lines = path.read_text().splitlines()
     except UnicodeDecodeError:
@@ -107,18 +110,20 @@ def read_image_list(path: Path) -> list[Path]:
     return list(dict.fromkeys(paths))
 
 
-def collect_inputs(source: Path, output_dir: Path) -> list[Path]:
-    """Image files of a folder or a list file, once the output location is known to be outside them."""
+def collect_inputs(source: Path, output_dir: Path) -> list[ImageInput]:
+    """Image files and DICOM series of a folder (series also in nested folders) or a list file (a listed folder
+    gives its series, the listed DICOM slice files together one series), once the output location is known to
+    be outside them."""
     if source.is_dir():
         check_output_dir(source, output_dir)
-        files = list_images(source)
+        files: list[ImageInput] = [*list_images(source), *find_series(source)]
         if not files:
-            raise MedsegError(f"{source}: no NIfTI/NRRD/MHA/PNG/BMP/TIFF images found")
+            raise MedsegError(f"{source}: no NIfTI/NRRD/MHA/PNG/BMP/TIFF images or DICOM series found")
         return files
     if source.is_file():
-        files = read_image_list(source)
-        check_output_outside_inputs(files, output_dir)
-        return files
+        listed = read_image_list(source)
+        check_output_outside_inputs(listed, output_dir)
+        return listed_inputs(listed, source)
     raise MedsegError(f"{source}: input folder or list file not found")
 
 
@@ -126,60 +131,72 @@ def predict_folder(ckpt_dir: Path, input_dir: Path, output_dir: Path, checkpoint
                    overlap: float = 0.5, mirror_axes: str | Sequence[int] | None = "all", overwrite: bool = False,
                    device: str = "auto", sw_batch_size: int | str = "auto", progress: bool | None = None,
                    save_probabilities: bool = False, background_io: bool = True,
-                   postprocessing: bool = True, precision: str = "auto") -> BatchSummary:
+                   postprocessing: bool = True, precision: str = "auto", backend: str = "torch",
+                   folds: Sequence[int | str] | None = None, dicom_seg: bool = False) -> BatchSummary:
     """Predict every case of ``input_dir`` (a folder, or a text file listing image paths) into ``output_dir``
-    and write ``prediction_summary.json`` there. ``progress``: a bar (True), log lines (False), or a bar on a
-    terminal only (None)."""
-    files = collect_inputs(input_dir, output_dir)
-    dev = resolve_device(device)
-    models = [load_checkpoint(p, dev) for p in find_checkpoints(ckpt_dir, checkpoint)]
-    if isinstance(mirror_axes, Sequence) and not isinstance(mirror_axes, str):
-        mirror_axes = tuple(mirror_axes)
-    sw = resolve_sw_batch_size(sw_batch_size, dev)
-    # a cascade run predicts its low-resolution stage first (that run's folds, as recorded in the checkpoints)
-    previous = previous_stage_predictor(models, checkpoint, overlap, mirror_axes, sw, dev, precision)
-    predictor = Predictor(models, overlap, mirror_axes, sw, dev, precision, previous_stage=previous)
-    if previous is not None:
-        log.info("cascade: each case is first predicted by the %s stage (%d model(s) from %s)",
-                 previous.models[0].config.name, len(previous.models), Path(previous.models[0].source).parents[2])
-    spec = find_postprocessing(ckpt_dir) if postprocessing else None
-    if spec is not None:
-        log.info("post-processing from cross-validation: %s", spec.to_dict())
+    and write ``prediction_summary.json`` there. ``ckpt_dir``: a run or fold folder, a model archive (.zip) or an
+    ONNX export's description (.json); prediction goes through medseg.inference.api.Segmenter, as the Python API's
+    does. ``progress``: a bar (True), log lines (False), or a bar on a terminal only (None)."""
+    from medseg.inference.api import Segmenter
+
+    collect_inputs(input_dir, output_dir)  # bad inputs or output location: refused before any model is loaded
+    segmenter = Segmenter.from_run(ckpt_dir, device=device, folds=folds, mirror_axes=mirror_axes,
+                                   checkpoint=checkpoint, overlap=overlap, precision=precision,
+                                   sw_batch_size=sw_batch_size, backend=backend, postprocessing=postprocessing)
+    return segmenter.predict_folder(input_dir, output_dir, overwrite=overwrite, save_probabilities=save_probabilities,
+                                    background_io=background_io, progress=progress, dicom_seg=dicom_seg)
+
+
+def predict_files(predictor: Predictor, files: list[ImageInput], input_dir: Path, output_dir: Path,
+                  postprocessing: PostprocessingSpec | None = None, overwrite: bool = False,
+                  save_probabilities: bool = False, background_io: bool = True, progress: bool | None = None,
+                  record: dict | None = None, dicom_seg: bool = False) -> BatchSummary:
+    """Predict the cases of ``files`` (collect_inputs' list) into ``output_dir``, skipping finished ones, under the
+    folder's lock; ``prediction_summary.json`` gets ``record`` (what predicted) with the counts and times."""
     cases = group_cases(files, len(predictor.plan.channel_names))
     output_dir.mkdir(parents=True, exist_ok=True)
     # two predictions into one folder would race on the skip-existing check and the summary
     with exclusive(output_dir / LOCK_FILE, output_dir, "prediction"):
         summary = BatchSummary(output_dir=output_dir)
-        jobs = pending_jobs(cases, output_dir, save_probabilities, overwrite, summary)
-        log.info("predicting %d case(s) with %d model(s) on %s (%s)", len(jobs), len(models), dev,
-                 predictor.precision)
+        jobs = pending_jobs(cases, output_dir, save_probabilities, overwrite, summary, dicom_seg)
+        log.info("predicting %d case(s) with %d model(s) on %s (%s)", len(jobs), len(predictor.models),
+                 predictor.device, predictor.precision)
         started = time.perf_counter()
-        predict_cases(predictor, jobs, summary, progress=progress, background=background_io, postprocessing=spec)
+        predict_cases(predictor, jobs, summary, progress=progress, background=background_io,
+                      postprocessing=postprocessing)
         if jobs or not (output_dir / SUMMARY_FILE).exists():  # a run with nothing to do leaves the folder as it was
-            record = {"input": str(input_dir), "output": str(output_dir), "checkpoints": [m.source for m in models],
-                      "device": str(dev), "precision": predictor.precision, "overlap": overlap,
-                      "mirror_axes": _jsonable(mirror_axes),
-                      "save_probabilities": save_probabilities,
-                      "previous_stage": [m.source for m in previous.models] if previous is not None else None,
-                      "postprocessing": spec.to_dict() if spec is not None else None,
-                      "total_seconds": round(time.perf_counter() - started, 3), **summary.to_dict()}
-            write_json(output_dir / SUMMARY_FILE, record)
+            previous = predictor.previous_stage
+            written = {"input": str(input_dir), "output": str(output_dir),
+                       "checkpoints": [m.source for m in predictor.models], "device": str(predictor.device),
+                       "precision": predictor.precision, "overlap": predictor.overlap,
+                       "mirror_axes": _jsonable(predictor.mirror_axes), "save_probabilities": save_probabilities,
+                       "previous_stage": [m.source for m in previous.models] if previous is not None else None,
+                       "postprocessing": postprocessing.to_dict() if postprocessing is not None else None,
+                       **(record or {}), "total_seconds": round(time.perf_counter() - started, 3),
+                       **summary.to_dict()}
+            write_json(output_dir / SUMMARY_FILE, written)
     return summary
 
 
-def pending_jobs(cases: dict[str, list[Path]], output_dir: Path, save_probabilities: bool, overwrite: bool,
-                 summary: BatchSummary) -> list[CaseJob]:
+def pending_jobs(cases: dict[str, list[ImageInput]], output_dir: Path, save_probabilities: bool, overwrite: bool,
+                 summary: BatchSummary, dicom_seg: bool = False) -> list[CaseJob]:
     """The cases to predict, in case-id order; finished ones (every asked-for output there) go to ``skipped``."""
     jobs = []
     for case_id, paths in sorted(cases.items()):
+        seg = dicom_seg and isinstance(paths[0], DicomSeries)
         job = CaseJob(case_id, paths, output_path(case_id, paths, output_dir),
-                      probabilities_path(case_id, output_dir) if save_probabilities else None)
+                      probabilities_path(case_id, output_dir) if save_probabilities else None,
+                      dicom_seg_path(case_id, output_dir) if seg else None)
         if job.done() and not overwrite:
             summary.skipped.append(case_id)
         else:
             jobs.append(job)
     if summary.skipped:
         log.info("skipping %d case(s) whose outputs exist (overwrite=true redoes them)", len(summary.skipped))
+    others = [c for c, paths in cases.items() if not isinstance(paths[0], DicomSeries)]
+    if dicom_seg and others:
+        log.info("dicom_seg=true: %d case(s) are not DICOM series (%s ...); they get their label map only",
+                 len(others), others[0])
     return jobs
 
 
@@ -288,7 +305,7 @@ class _Pipeline:
     def load(self, job: CaseJob) -> _Loaded:
         """Background: read and preprocess (the raw image is dropped once preprocessed)."""
         t0 = time.perf_counter()
-        image, geometry = read_image(job.inputs)
+        image, geometry = read_image(job.inputs)  # a DICOM series: every header checked before its pixels
         problem = nonfinite_problem(job.inputs[0], image)
         if problem:  # z-scoring would spread them over the whole volume: refused rather than predicted
             raise VolumeError(problem)
@@ -308,8 +325,8 @@ class _Pipeline:
         return logits, {"read": loaded.seconds, "predict": time.perf_counter() - t0}
 
     def save(self, job: CaseJob, logits: list[torch.Tensor], loaded: _Loaded) -> float:
-        """Background: back onto the input grid, argmax, write (probabilities first: the label map is what
-        marks a case done)."""
+        """Background: back onto the input grid, argmax, write (probabilities and DICOM-SEG first: the label map
+        is what marks a case done)."""
         t0 = time.perf_counter()
         result = self.predictor.finish(logits, loaded.prepared, probabilities=job.probabilities is not None)
         del logits
@@ -322,6 +339,9 @@ class _Pipeline:
         label = result.label
         if self.postprocessing is not None:  # the label map only; probabilities stay as predicted (nnU-Net)
             label = apply_postprocessing(label, self.postprocessing)
+        if job.dicom_seg is not None:
+            assert isinstance(loaded.geometry.source, CheckedSeries)  # a DICOM series' case (pending_jobs)
+            write_dicom_seg(label, loaded.geometry.source, self.predictor.plan.label_scheme, job.dicom_seg)
         write_label(label, loaded.geometry, job.target)
         return time.perf_counter() - t0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 from medseg.atomic import atomic_path
 from medseg.checkpoint import load_weights_only
+from medseg.datasets.dicom import DicomSeries, ImageInput
 from medseg.datasets.io import image_suffix, read_image, strip_suffix, write_label
 from medseg.errors import MedsegError
 from medseg.layout import trained_fold_dirs
@@ -49,6 +51,14 @@ class TrainedModel:
     # a cascade stage's previous stage as trained: {"configuration", "run" (relative to this model's run folder),
     # "folds"}; None for any other configuration
     previous_stage: dict | None = None
+    # the registry record the network was built from ({"name", "kwargs"}); None where not known
+    model_spec: dict | None = None
+
+
+def build_model(plan: Plan, config: ConfigurationPlan, spec: dict) -> nn.Module:
+    """The untrained network a checkpoint's (or an archive's) model record describes: registry name and keys."""
+    return create_model(spec["name"], config.spatial_dims, num_input_channels(plan, config),
+                        plan.label_scheme.num_outputs, plan=config, **spec.get("kwargs", {}))
 
 
 def load_checkpoint(path: str | Path, device: torch.device) -> TrainedModel:
@@ -60,14 +70,12 @@ def load_checkpoint(path: str | Path, device: torch.device) -> TrainedModel:
     extras = ckpt["medseg"]
     plan = Plan.from_dict(extras["plan"])
     config = plan.configuration(extras["configuration"])
-    spec = extras["model"]
-    model = create_model(spec["name"], config.spatial_dims, num_input_channels(plan, config),
-                         plan.label_scheme.num_outputs, plan=config, **spec.get("kwargs", {}))
+    model = build_model(plan, config, extras["model"])
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(state)
     model.to(device).eval()
     return TrainedModel(model, plan, config, str(path), str(extras.get("precision", "32-true")),
-                        extras.get("previous_stage"))
+                        extras.get("previous_stage"), extras["model"])
 
 
 def first_precision(models: list[TrainedModel]) -> str:
@@ -329,17 +337,21 @@ def write_probabilities(path: str | Path, probabilities: np.ndarray, labels: np.
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
-def group_cases(files: list[Path], num_channels: int) -> dict[str, list[Path]]:
+def group_cases(files: Sequence[ImageInput], num_channels: int) -> dict[str, list[ImageInput]]:
     """Case id -> channel files. ``<case>_0000`` style names (nnU-Net) group channels; otherwise each file is
-    one case (a 4D file may hold every channel). Case ids name the outputs, so they must be unique."""
-    found: dict[str, list[tuple[int, Path]]] = {}
+    one case (a 4D file may hold every channel); a DICOM series is one case, named by its case id
+    (medseg.datasets.dicom). Case ids name the outputs, so they must be unique."""
+    found: dict[str, list[tuple[int, ImageInput]]] = {}
     for f in files:
+        if isinstance(f, DicomSeries):
+            found.setdefault(f.case_id, []).append((-1, f))
+            continue
         m = _CHANNEL.match(strip_suffix(f))
         case, channel = (m["case"], int(m["channel"])) if m else (strip_suffix(f), -1)
         found.setdefault(case, []).append((channel, f))
-    cases: dict[str, list[Path]] = {}
+    cases: dict[str, list[ImageInput]] = {}
     for case, entries in found.items():
-        entries.sort()
+        entries.sort(key=lambda e: (e[0], str(e[1])))
         channels = [c for c, _ in entries]
         paths = [p for _, p in entries]
         if len(entries) > 1 and (-1 in channels or len(set(channels)) < len(channels)):
@@ -351,9 +363,14 @@ def group_cases(files: list[Path], num_channels: int) -> dict[str, list[Path]]:
     return cases
 
 
-def output_path(case_id: str, inputs: list[Path], output_dir: Path) -> Path:
-    """Same format as the input (first channel's suffix)."""
-    return output_dir / f"{case_id}{image_suffix(inputs[0]) or '.nii.gz'}"
+def output_path(case_id: str, inputs: Sequence[ImageInput], output_dir: Path) -> Path:
+    """Same format as the input (first channel's suffix); NIfTI for a DICOM series."""
+    suffix = "" if isinstance(inputs[0], DicomSeries) else image_suffix(inputs[0])
+    return output_dir / f"{case_id}{suffix or '.nii.gz'}"
+
+
+def dicom_seg_path(case_id: str, output_dir: Path) -> Path:
+    return output_dir / f"{case_id}.dcm"
 
 
 def probabilities_path(case_id: str, output_dir: Path) -> Path:

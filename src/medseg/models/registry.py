@@ -25,8 +25,8 @@ from medseg.config_keys import accepted_keys, check_keys
 from medseg.errors import ConfigError
 from medseg.planning.plan import ConfigurationPlan
 
-__all__ = ["ModelSpec", "adapt_patch", "adapt_patch_for_model", "check_model_keys", "create_model", "list_models",
-           "model_spec", "register_model", "register_preset"]
+__all__ = ["ENCODER_PREFIXES", "ModelSpec", "adapt_patch", "adapt_patch_for_model", "check_model_keys", "create_model",
+           "encoder_prefixes", "list_models", "model_spec", "register_model", "register_preset"]
 
 # create_model's own arguments, never keys of a model config
 _BUILD_ARGS = ("spatial_dims", "in_channels", "out_channels", "plan")
@@ -134,3 +134,29 @@ def create_model(name: str, spatial_dims: int, in_channels: int, out_channels: i
     is a ConfigError naming it and the accepted keys."""
     spec = check_model_keys(name, kwargs)
     return spec.factory(spatial_dims, in_channels, out_channels, plan=plan, **{**spec.defaults, **kwargs})
+
+
+# Each family's encoder, as parameter-name prefixes of the built model (what ``finetune.freeze_encoder_epochs``
+# keeps fixed): everything from the input down to the bottleneck, including the skip-path blocks that read the
+# encoder's features; the decoder, its upsampling and the output heads are the rest. Presets share their base's.
+ENCODER_PREFIXES: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "unet": ("net.input_block", "net.downsamples", "net.bottleneck"),  # MONAI DynUNet
+    "resenc_unet": ("stem", "encoder"),
+    "umamba_bot": ("stem", "encoder"),  # the Mamba bottleneck is the last encoder stage
+    "umamba_enc": ("stem", "encoder"),
+    "vilu_net": ("stem", "encoder", "vil"),  # mLSTM layers after encoder stages
+    # MONAI's transformer U-Nets: the transformer plus the encoder blocks on its skip paths
+    "swin_unetr": ("net.swinViT", "net.encoder1", "net.encoder2", "net.encoder3", "net.encoder4", "net.encoder10"),
+    "unetr": ("net.vit", "net.encoder1", "net.encoder2", "net.encoder3", "net.encoder4"),
+})
+
+
+def encoder_prefixes(name: str) -> tuple[str, ...]:
+    """The parameter-name prefixes of model ``name``'s encoder (a preset's are its base's); ConfigError for a
+    model whose encoder is not declared in ENCODER_PREFIXES."""
+    spec = model_spec(name)
+    family = spec.base or spec.name
+    if family not in ENCODER_PREFIXES:
+        raise ConfigError(f"model {name!r}: its encoder is not declared (medseg.models.registry.ENCODER_PREFIXES), "
+                          "so finetune.freeze_encoder_epochs cannot be used with it")
+    return ENCODER_PREFIXES[family]

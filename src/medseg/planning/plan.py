@@ -75,6 +75,11 @@ class Plan:
     def transpose_backward(self) -> list[int]:
         return [self.transpose.index(a) for a in range(len(self.transpose))]
 
+    @property
+    def main_configuration(self) -> str:
+        """3d_fullres where planned; 2d for datasets that plan only 2d (pictures, one-slice images)."""
+        return "3d_fullres" if "3d_fullres" in self.configurations else "2d"
+
     def configuration(self, name: str) -> ConfigurationPlan:
         if name not in self.configurations:
             hint = "; single-slice images (2D pictures) plan 2d only: configuration=2d, medseg-plan " \

@@ -29,6 +29,7 @@ from medseg.datasets.labels import LabelScheme
 from medseg.errors import ConfigError
 from medseg.planning.fingerprint import DatasetFingerprint
 from medseg.planning.plan import ConfigurationPlan, Plan
+from medseg.planning.plan_like import plan_like, read_source_plan
 
 ANISOTROPY_RATIO = 3.0
 MIN_FEATURE_MAP = 4
@@ -83,6 +84,9 @@ class PlannerSettings:
     target_spacing: list[float] | None = None
     patch_size: list[int] | None = None
     batch_size: int | None = None
+    # a trained run (or fold folder, plan.json, checkpoint) whose network every configuration it has takes
+    # (medseg.planning.plan_like), so that its weights fit (init_from)
+    plan_like: str | None = None
 
     @classmethod
     def from_config(cls, cfg) -> "PlannerSettings":
@@ -320,10 +324,14 @@ def plan_dataset(fp: DatasetFingerprint, channel_names: list[str], scheme: Label
         if lowres is not None:
             configurations["3d_cascade_fullres"] = ConfigurationPlan(
                 **{**vars(fullres), "name": "3d_cascade_fullres", "previous_stage": "3d_lowres"})
-    return Plan(fp.dataset, list(channel_names), dict(scheme.labels), [vars(c) for c in fp.intensity],
+    plan = Plan(fp.dataset, list(channel_names), dict(scheme.labels), [vars(c) for c in fp.intensity],
                 configurations, transpose=transpose, planner=settings.preset, gpu_memory_gb=settings.gpu_gb,
                 overridden=settings.overridden(), explanations=why, fingerprint_key=fp.source_key,
                 regions=list(scheme.regions), regions_class_order=list(scheme.regions_class_order))
+    if settings.plan_like:
+        source, source_file = read_source_plan(settings.plan_like)
+        plan = plan_like(plan, source, source_file, settings.batch_size)
+    return plan
 
 
 def _plan_lowres(spacing_t, median_t, fullres: ConfigurationPlan, num_cases: int, config, why):

@@ -52,7 +52,8 @@ def dataset_folder(cfg: DictConfig) -> Path:
 
 def prepare(cfg: DictConfig, configurations: list[str] | None = None, progress: bool = True,
             manifest: Manifest | None = None) -> PreparedDataset:
-    """``manifest``: one already loaded with ``load_manifest`` (from the same config)."""
+    """``manifest``: one already loaded with ``load_manifest`` (from the same config). ``configurations`` to
+    preprocess; ``auto`` stands for the plan's main configuration."""
     folder = dataset_folder(cfg)
     manifest = manifest if manifest is not None else load_manifest(cfg.data, folder)
     num_processes = int(cfg.get("num_processes", 2))
@@ -70,7 +71,7 @@ def prepare(cfg: DictConfig, configurations: list[str] | None = None, progress: 
     plan.save(folder / "plans.json")
     prepared = PreparedDataset(manifest, fingerprint, plan, folder)
     for name in configurations or []:
-        preprocess(prepared, name, num_processes, progress)
+        preprocess(prepared, plan.main_configuration if name == "auto" else name, num_processes, progress)
     return prepared
 
 

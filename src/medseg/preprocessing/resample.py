@@ -13,8 +13,9 @@ ANISOTROPY_RATIO = 3.0
 
 
 def new_shape(shape, spacing, target_spacing) -> list[int]:
-    """nnU-Net's rounding: round(old_spacing / new_spacing * old_shape), half to even."""
-    return [int(round(float(sp / t * s))) for s, sp, t in zip(shape, spacing, target_spacing)]
+    """nnU-Net's rounding: round(old_spacing / new_spacing * old_shape), half to even; at least one voxel (a
+    structure thinner than half a target voxel would otherwise vanish, leaving an empty array)."""
+    return [max(1, int(round(float(sp / t * s)))) for s, sp, t in zip(shape, spacing, target_spacing)]
 
 
 def separate_axis(spacing, target_spacing) -> int | None:

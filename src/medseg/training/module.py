@@ -35,10 +35,23 @@ def confusion_counts(pred: torch.Tensor, ref: torch.Tensor, targets, valid: torc
     return torch.stack(rows, dim=1).double()
 
 
+def frozen_parameters(model: nn.Module, prefixes: tuple[str, ...]) -> list[nn.Parameter]:
+    """The parameters named under any of ``prefixes`` (module boundaries: "encoder" covers "encoder.0.conv.weight",
+    not "encoder10.weight"); ValueError when none is, so that a wrong declaration cannot freeze nothing."""
+    chosen = [p for name, p in model.named_parameters()
+              if any(name == q or name.startswith(q + ".") for q in prefixes)]
+    if not chosen:
+        raise ValueError(f"no parameter of {type(model).__name__} is under the encoder prefixes {list(prefixes)}")
+    return chosen
+
+
 class SegmentationModule(L.LightningModule):
     def __init__(self, model: nn.Module, loss: nn.Module, label_scheme: LabelScheme | int, patch_size,
                  optimizer: Callable, scheduler: Callable | None = None, checkpoint_extras: dict | None = None,
-                 val_overlap: float = 0.5, channels_last: bool = False):
+                 val_overlap: float = 0.5, channels_last: bool = False, freeze_prefixes: tuple[str, ...] = (),
+                 freeze_epochs: int = 0, warmup_epochs: int = 0):
+        """freeze_prefixes, freeze_epochs: parameters under these name prefixes (the model's encoder) get no
+        updates in the first freeze_epochs epochs; warmup_epochs: a linear lr warm-up before the schedule."""
         super().__init__()
         self.model = model
         self.loss = loss
@@ -54,6 +67,9 @@ class SegmentationModule(L.LightningModule):
         self.val_overlap = val_overlap
         self.channels_last = channels_last
         self._val_counts: torch.Tensor | None = None  # (tp, fp, fn) x class, from on_validation_epoch_start
+        self.freeze_epochs = int(freeze_epochs)
+        self.warmup_epochs = int(warmup_epochs)
+        self.frozen = frozen_parameters(model, freeze_prefixes) if freeze_epochs > 0 else []
 
     def forward(self, x: torch.Tensor):
         return self.model(x)
@@ -100,8 +116,20 @@ class SegmentationModule(L.LightningModule):
         optimizer = self.optimizer_factory(self.parameters())
         if self.scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer),
-                                                         "interval": "epoch"}}
+        scheduler = self.scheduler_factory(optimizer)
+        if self.warmup_epochs > 0:
+            from medseg.training.schedules import add_warmup
+
+            add_warmup(scheduler, self.warmup_epochs)  # settings.check_config refused other schedulers
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def on_before_optimizer_step(self, optimizer):
+        # a frozen encoder: its gradients are dropped rather than its parameters excluded from autograd, so that
+        # DDP still reduces every gradient it expects; torch's optimizers skip a parameter without a gradient
+        # entirely (no weight decay, no momentum), so the weights stay bit-identical
+        if self.frozen and self.current_epoch < self.freeze_epochs:
+            for p in self.frozen:
+                p.grad = None
 
     def on_train_start(self):
         # a finished run extended to more epochs: its restored schedule must use the new horizon

@@ -32,6 +32,7 @@ from medseg.locking import exclusive
 from medseg.losses import check_loss_for_scheme, create_loss
 from medseg.losses.registry import with_deep_supervision
 from medseg.models import adapt_patch_for_model, create_model, model_spec
+from medseg.models.registry import encoder_prefixes
 from medseg.models.summary import summarize_model
 from medseg.planning.plan import ConfigurationPlan, Plan
 from medseg.preprocessing.prepare import PreparedDataset, dataset_folder, load_manifest, prepare, preprocess
@@ -43,6 +44,8 @@ from medseg.training.cascade import (PreviousStageInputs, check_grids, check_out
                                      validation_previous_stage, write_missing_next_stage)
 from medseg.training.checkpoint_io import AtomicCheckpointIO
 from medseg.training.guards import FiniteGuard
+from medseg.training.init_from import (INIT_FROM_FILE, InitFromResult, continues_training, init_source, log_result,
+                                       transfer_weights)
 from medseg.training.module import SegmentationModule, channels_last_format
 from medseg.training.settings import (augmentation_settings, check_config, config_dict, on_gpu, parse_fold,
                                      resolve_run, trainer_kwargs)
@@ -89,6 +92,7 @@ class RunSetup:
     augmentation: AugmentationSettings | None
     record: RunRecord
     previous: PreviousStageInputs | None = None  # a cascade stage's out-of-fold inputs (training.cascade)
+    init_from: InitFromResult | None = None  # the weights it starts from (training.init_from); None: its own
 
     @property
     def plan(self) -> Plan:
@@ -116,7 +120,10 @@ def _adapt_patch_to_model(plan: Plan, config: ConfigurationPlan, model_name: str
 
 def set_up_run(cfg: DictConfig, fold: int | str) -> RunSetup:
     """Manifest, fold split, plan (fingerprinting if needed, no preprocessing yet), model and loss built (so a
-    bad model or loss setting fails before the data is preprocessed) and the run record."""
+    bad model or loss setting fails before the data is preprocessed) and the run record. With init_from, the
+    trained weights are read and checked first, and loaded into the model unless the fold continues from its own
+    checkpoint."""
+    source = init_source(cfg, fold)  # another model or 2D/3D is refused before any data is read
     manifest = load_manifest(cfg.data, dataset_folder(cfg))
     train_ids, val_ids = manifest.split(fold)  # an impossible fold fails before the data is fingerprinted
     check_loss_for_scheme(str(cfg.loss.name), manifest.label_scheme)  # and a loss that cannot train its labels
@@ -132,14 +139,23 @@ def set_up_run(cfg: DictConfig, fold: int | str) -> RunSetup:
         files = check_out_of_fold_files(run, config.previous_stage, config.name, fold, case_folds)
         previous = PreviousStageInputs(config.previous_stage, run, case_folds, files)
         previous_record = previous_stage_record(run, config.previous_stage, Path(str(cfg.run_dir)), case_folds)
-    record = resolve_run(cfg, plan, config, fold, len(train_ids), len(val_ids), previous_record)
+    record = resolve_run(cfg, plan, config, fold, len(train_ids), len(val_ids), previous_record,
+                         init_from=str(source.path.resolve()) if source is not None else None)
     scheme = plan.label_scheme
     model = create_model(record.model.name, config.spatial_dims, num_input_channels(plan, config),
                          scheme.num_outputs, plan=config, **record.model.kwargs)
+    init_result = None
+    if source is not None:
+        if continues_training(cfg, layout.fold_dir(Path(str(cfg.run_dir)), fold)):
+            log.info("init_from: the fold continues from its own checkpoint; %s is not applied again", source.path)
+        else:  # no layer that fits is refused here, before preprocessing
+            init_result = transfer_weights(source, model, num_input_channels(plan, config), scheme.num_outputs,
+                                           list(config.patch_size))
+            log_result(init_result)
     loss = with_deep_supervision(create_loss(record.loss.name, scheme, **record.loss.kwargs),
                                  getattr(model, "heads", 0) + 1)
     augmentation, _ = augmentation_settings(cfg, config.patch_size)
-    return RunSetup(prepared, config, train_ids, val_ids, model, loss, augmentation, record, previous)
+    return RunSetup(prepared, config, train_ids, val_ids, model, loss, augmentation, record, previous, init_result)
 
 
 # ---- 2. the fold's state: finished, extendable, resumable, or new ----------------------------------------
@@ -231,9 +247,13 @@ def build_module(cfg: DictConfig, setup: RunSetup) -> SegmentationModule:
         # weights and batches in channels-last layout: oneDNN/cuDNN convolutions without layout conversions
         # torch's stubs for Module.to omit memory_format, which it takes (documented) and applies to 4D/5D weights
         setup.model.to(memory_format=channels_last_format(config.spatial_dims + 2))  # type: ignore[call-overload]
+    finetune = record.finetune or {}
+    freeze_epochs = int(finetune.get("freeze_encoder_epochs", 0))
     return SegmentationModule(setup.model, setup.loss, setup.plan.label_scheme, config.patch_size,
                               instantiate(cfg.optimizer), instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-                              extras, val_overlap=float(record.validation["overlap"]), channels_last=channels_last)
+                              extras, val_overlap=float(record.validation["overlap"]), channels_last=channels_last,
+                              freeze_prefixes=encoder_prefixes(record.model.name) if freeze_epochs else (),
+                              freeze_epochs=freeze_epochs, warmup_epochs=int(finetune.get("warmup_epochs", 0)))
 
 
 def build_datamodule(setup: RunSetup) -> SegmentationDataModule:
@@ -286,6 +306,8 @@ def _write_run_files(cfg: DictConfig, setup: RunSetup, fold_dir: Path) -> None:
     OmegaConf.save(cfg, fold_dir / layout.CONFIG, resolve=True)
     setup.plan.save(fold_dir / layout.PLAN)
     setup.record.save(fold_dir / layout.RUN_RECORD)
+    if setup.init_from is not None:
+        write_json(fold_dir / INIT_FROM_FILE, setup.init_from.to_dict())
 
 
 def _interrupted_message(trainer: L.Trainer, last: Path) -> str:

@@ -13,6 +13,12 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 
+def lead_in(epoch: int, lead_epochs: int) -> float:
+    """The factor of a linear warm-up of ``lead_epochs`` epochs: 1/(n+1), 2/(n+1), ..., n/(n+1), then the
+    schedule's own (which starts at 1)."""
+    return (epoch + 1) / (lead_epochs + 1)
+
+
 class PolyFactor:
     """nnU-Net's poly decay: (1 - epoch / total_epochs) ** power, 0 from total_epochs on."""
 
@@ -21,9 +27,13 @@ class PolyFactor:
             raise ValueError(f"total_epochs must be >= 1, got {total_epochs}")
         self.total_epochs = int(total_epochs)
         self.power = float(power)
+        self.lead_epochs = 0  # a fine-tuning warm-up before the schedule (add_warmup)
 
     def __call__(self, epoch: int) -> float:
-        return max(0.0, 1.0 - epoch / self.total_epochs) ** self.power
+        lead = getattr(self, "lead_epochs", 0)  # checkpoints from before the warm-up existed lack it
+        if epoch < lead:
+            return lead_in(epoch, lead)
+        return max(0.0, 1.0 - (epoch - lead) / max(1, self.total_epochs - lead)) ** self.power
 
 
 class WarmupCosineFactor:
@@ -36,13 +46,18 @@ class WarmupCosineFactor:
         self.total_epochs = int(total_epochs)
         self.warmup_epochs = int(warmup_epochs)
         self.min_factor = float(min_factor)
+        self.lead_epochs = 0  # a fine-tuning warm-up before the schedule (add_warmup)
 
     def __call__(self, epoch: int) -> float:
-        if epoch >= self.total_epochs:
+        lead = getattr(self, "lead_epochs", 0)  # checkpoints from before the warm-up existed lack it
+        if epoch < lead:
+            return lead_in(epoch, lead)
+        epoch, total = epoch - lead, max(1, self.total_epochs - lead)
+        if epoch >= total:
             return self.min_factor
         if epoch < self.warmup_epochs:
             return (epoch + 1) / (self.warmup_epochs + 1)
-        progress = (epoch - self.warmup_epochs) / (self.total_epochs - self.warmup_epochs)  # in [0, 1)
+        progress = (epoch - self.warmup_epochs) / max(1, total - self.warmup_epochs)  # in [0, 1)
         return self.min_factor + (1.0 - self.min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -76,6 +91,31 @@ def set_total_epochs(scheduler: LambdaLR, total_epochs: int) -> None:
     for factor in scheduler.lr_lambdas:
         if hasattr(factor, "total_epochs"):
             factor.total_epochs = int(total_epochs)
+    _apply_current(scheduler)
+
+
+def supports_warmup(scheduler: object) -> bool:
+    """Whether ``add_warmup`` can put a warm-up before ``scheduler``: medseg's own schedules (poly,
+    warmup_cosine), whose factor objects take a lead."""
+    return isinstance(scheduler, LambdaLR) and all(isinstance(f, (PolyFactor, WarmupCosineFactor))
+                                                   for f in scheduler.lr_lambdas)
+
+
+def add_warmup(scheduler: LambdaLR, warmup_epochs: int) -> None:
+    """A linear warm-up of ``warmup_epochs`` epochs (factor (e + 1) / (warmup_epochs + 1)) before the
+    configured schedule, which then runs over the remaining epochs up to its horizon (finetune.warmup_epochs).
+    Held as a plain number in each factor, so checkpoints carry and restore it."""
+    if not supports_warmup(scheduler):
+        raise ValueError(f"{type(scheduler).__name__}: a warm-up can only be added to medseg's schedules "
+                         "(poly, warmup_cosine)")
+    for factor in scheduler.lr_lambdas:
+        assert isinstance(factor, (PolyFactor, WarmupCosineFactor))  # supports_warmup: medseg's factors
+        factor.lead_epochs = int(warmup_epochs)
+    _apply_current(scheduler)
+
+
+def _apply_current(scheduler: LambdaLR) -> None:
+    """Set the optimizer's lr for the scheduler's current epoch from its (changed) factors."""
     lrs = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
     for group, lr in zip(scheduler.optimizer.param_groups, lrs):
         group["lr"] = lr

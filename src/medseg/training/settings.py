@@ -24,10 +24,12 @@ from medseg.loading.augmentation import AugmentationSettings, nnunet_settings
 from medseg.loading.datamodule import VALIDATION_MODES
 from medseg.losses import check_loss_keys
 from medseg.models import check_model_keys
+from medseg.models.registry import encoder_prefixes
 from medseg.planning.plan import ConfigurationPlan, Plan
 from medseg.precision import cuda_capability, deterministic_setting, training_precision
 from medseg.record import Component, RunRecord
 from medseg.training.cascade import check_cascade_keys
+from medseg.training.schedules import supports_warmup
 
 # 3d_cascade_fullres: with the out-of-fold predictions of a 3d_lowres run as extra inputs (training.cascade)
 TRAINABLE = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
@@ -134,17 +136,46 @@ def check_config(cfg: DictConfig) -> None:
     if unknown:
         raise ConfigError(f"trainer: unknown key(s) {unknown} (not arguments of lightning.Trainer); "
                           f"accepted: {sorted(accepted)}")
+    finetune = finetune_settings(cfg)
     # a stand-in parameter: the optimizer and scheduler partials are called once, so misspelled arguments or
     # targets fail here and not after data preparation
     try:
         optimizer = instantiate(cfg.optimizer)([torch.nn.Parameter(torch.zeros(1))])
     except (InstantiationException, TypeError, ValueError) as e:
         raise ConfigError(f"optimizer: {_short(e)}") from None
+    scheduler = None
     if cfg.get("scheduler"):
         try:
-            instantiate(cfg.scheduler)(optimizer)
+            scheduler = instantiate(cfg.scheduler)(optimizer)
         except (InstantiationException, TypeError, ValueError) as e:
             raise ConfigError(f"scheduler: {_short(e)}") from None
+    if finetune["warmup_epochs"] and not supports_warmup(scheduler):
+        raise ConfigError(f"finetune.warmup_epochs={finetune['warmup_epochs']}: the warm-up goes before one of "
+                          "medseg's schedules (scheduler=poly or warmup_cosine); this config has "
+                          f"{type(scheduler).__name__ if scheduler is not None else 'no scheduler'}")
+
+
+FINETUNE_KEYS = ("freeze_encoder_epochs", "warmup_epochs")
+
+
+def finetune_settings(cfg: DictConfig) -> dict[str, int]:
+    """cfg.finetune checked: its two keys, whole numbers >= 0, below trainer.max_epochs; freezing needs a model
+    whose encoder the registry declares."""
+    values = config_dict(cfg.finetune) if cfg.get("finetune") is not None else {}
+    unknown = sorted(set(values) - set(FINETUNE_KEYS))
+    if unknown:
+        raise ConfigError(f"finetune: unknown key(s) {unknown}; accepted: {list(FINETUNE_KEYS)}")
+    settings = {}
+    for key in FINETUNE_KEYS:
+        value = values.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"finetune.{key}={value!r}: expected a whole number of epochs >= 0")
+        if value and value >= int(cfg.trainer.max_epochs):
+            raise ConfigError(f"finetune.{key}={value} is not below trainer.max_epochs={cfg.trainer.max_epochs}")
+        settings[key] = value
+    if settings["freeze_encoder_epochs"]:
+        encoder_prefixes(str(cfg.model.name))  # ConfigError for a model without a declared encoder
+    return settings
 
 
 def _short(e: Exception) -> str:
@@ -170,9 +201,11 @@ def _scheduler(cfg: DictConfig) -> Component | None:
 
 
 def resolve_run(cfg: DictConfig, plan: Plan, config: ConfigurationPlan, fold: int | str, num_train: int,
-                num_val: int, previous_stage: dict | None = None) -> RunRecord:
+                num_val: int, previous_stage: dict | None = None, init_from: str | None = None) -> RunRecord:
     """The run's settings from the config and the (model-adapted) configuration plan; ``previous_stage``: a
-    cascade's (medseg.training.cascade.previous_stage_record)."""
+    cascade's (medseg.training.cascade.previous_stage_record); ``init_from``: the checkpoint file the weights
+    start from (training.init_from.find_checkpoint)."""
+    finetune = finetune_settings(cfg)
     model_kwargs = config_dict(cfg.model)
     model_name = str(model_kwargs.pop("name"))
     loss_kwargs = config_dict(cfg.loss)
@@ -196,7 +229,8 @@ def resolve_run(cfg: DictConfig, plan: Plan, config: ConfigurationPlan, fold: in
         devices=kwargs.get("devices", 1), gradient_clip_val=kwargs.get("gradient_clip_val"),
         augmentation=_plain(dataclasses.asdict(augmentation)) if augmentation is not None else None,
         augment_on_device=augment_on_device, num_workers=num_workers(cfg), plan_key=str(plan.fingerprint_key),
-        validation=validation, previous_stage=previous_stage)
+        validation=validation, previous_stage=previous_stage, init_from=init_from,
+        finetune=finetune if any(finetune.values()) else None)
 
 
 def _plain(value):
