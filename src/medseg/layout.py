@@ -4,6 +4,7 @@
         postprocessing.json                 the cross-validated post-processing decision
         fold_<k>/ (or fold_all/)            one fold
             run.json                        the resolved settings the fold was trained with
+            overrides.yaml                  the command line's overrides (to train the same run with fold=all)
             config.yaml, plan.json          the composed config and the plan
             model_summary.json
             checkpoints/last.ckpt, best.ckpt
@@ -29,6 +30,7 @@ ALL_FOLD = "all"  # nnU-Net's train-on-every-case fold
 FOLD_DIR = re.compile(r"fold_(\d+|all)")
 
 RUN_RECORD = "run.json"
+OVERRIDES = "overrides.yaml"  # the command-line overrides the fold was trained with (Hydra's task overrides)
 CONFIG = "config.yaml"
 PLAN = "plan.json"
 MODEL_SUMMARY = "model_summary.json"

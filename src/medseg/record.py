@@ -63,7 +63,9 @@ class RunRecord:
 
     # settings that change what a finished fold's weights or scores mean; the rest (workers, where
     # augmentation runs) change only speed. max_epochs is handled by extend=true.
-    IGNORED = ("num_workers", "augment_on_device", "version", "max_epochs", "devices", "accelerator")
+    # (validation.save_probabilities adds files beside the same predictions; a finished fold writes the missing ones)
+    IGNORED = ("num_workers", "augment_on_device", "version", "max_epochs", "devices", "accelerator",
+               "validation.save_probabilities")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,7 +92,7 @@ class RunRecord:
     def differences(self, other: "RunRecord") -> list[str]:
         """'key: this -> other' for every setting that differs, nested keys dotted; IGNORED left out."""
         return [f"{key}: {a!r} -> {b!r}" for key, a, b in _diff(self.to_dict(), other.to_dict())
-                if key.split(".")[0] not in self.IGNORED]
+                if key.split(".")[0] not in self.IGNORED and key not in self.IGNORED]
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:

@@ -13,6 +13,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from medseg.inference.predictor import find_checkpoints
+from medseg.inference.probability_files import read_probabilities
 
 SUBSET = 30  # cases of Hippocampus used: enough for 5 folds, quick on 2 cores
 
@@ -83,6 +84,19 @@ def test_rerunning_a_finished_fold_does_nothing(trained_run):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "nothing to do" in result.stderr + result.stdout
     assert ckpt.stat().st_mtime_ns == stamp
+    # asking a finished fold for its held-out probabilities (for medseg-select) writes them and changes nothing else
+    validation = run_dir / "fold_0" / "validation"
+    metrics = (run_dir / "fold_0" / "metrics.json").read_bytes()
+    assert not list(validation.glob("*_probabilities.npz"))
+    result = _run("medseg-train", *args, "validation.save_probabilities=true", cwd=work)
+    assert result.returncode == 0, result.stderr[-2000:]
+    files = sorted(validation.glob("*_probabilities.npz"))
+    assert len(files) == SUBSET // 5
+    assert (run_dir / "fold_0" / "metrics.json").read_bytes() == metrics and ckpt.stat().st_mtime_ns == stamp
+    probabilities = read_probabilities(files[0])
+    label = np.asarray(nib.load(validation / files[0].name.replace("_probabilities.npz", ".nii.gz")).dataobj)
+    agree = probabilities.labels[probabilities.values.argmax(0)] == label.transpose(2, 1, 0)
+    assert agree.mean() > 0.999  # the validation's label map, up to float16 ties
 
 
 def test_predict_writes_input_geometry_and_never_into_the_input(trained_run, hippocampus, tmp_path):

@@ -22,7 +22,7 @@ from tests.conftest import REPO
 
 SOURCE_CONFIGS = REPO / "src" / "medseg" / "configs"
 SCRIPTS = {"medseg-plan", "medseg-train", "medseg-predict", "medseg-evaluate", "medseg-cv-summary",
-           "medseg-postprocess", "medseg-export"}
+           "medseg-postprocess", "medseg-export", "medseg-select"}
 # the smallest run the training tests use (tests/reliability/test_training_faults.py), one image to predict
 DATA = ["data.synthetic.num_train=6", "data.synthetic.num_test=1", "data.synthetic.shape=[20,24,16]"]
 PLANNER = ["planner.patch_size=[16,16,16]", "planner.base_features=4", "planner.batch_size=2"]

@@ -251,3 +251,111 @@ def test_model_loss_and_budget_come_from_the_run_record(experiment):
     row = {r["run"]: r for r in board.rows}["unet__dice_ce"]
     assert (row["model"], row["loss"]) == ("resenc_unet", "dice_focal")
     assert "unet__dice_ce 4 x 7 x 3" in "\n".join(board.notes)  # the record's budget, not config.yaml's
+
+
+# ---- ablation controls and training settings ----------------------------------------------------------------------
+
+SGD = {"lr": 0.01, "momentum": 0.99, "nesterov": True, "weight_decay": 3e-5}
+ADAMW = {"lr": 1e-3, "weight_decay": 3e-5, "betas": [0.9, 0.999]}
+
+
+def write_record(fold_dir: Path, model: str, optimizer: tuple[str, dict] = ("torch.optim.AdamW", ADAMW),
+                 scheduler: tuple[str, dict] | None = ("medseg.training.schedules.warmup_cosine",
+                                                       {"warmup_epochs": None, "min_lr_ratio": 0.0})) -> None:
+    """The fold's run.json as training writes it: what the leaderboard reads model, optimiser and schedule from."""
+    from medseg.record import Component, RunRecord
+
+    RunRecord(fold=int(fold_dir.name.split("_")[1]), configuration="3d_fullres", dataset="d", num_train_cases=8,
+              num_val_cases=2, model=Component(model, {}), loss=Component("dice_ce", {}),
+              optimizer=Component(*optimizer), scheduler=Component(*scheduler) if scheduler else None,
+              spatial_dims=3, patch_size=[40, 56, 40], batch_size=8, oversample_foreground=0.33,
+              iterations_per_epoch=50, max_epochs=4, seed=1, precision="32-true", accelerator="cpu", devices=1,
+              gradient_clip_val=12.0, augmentation=None, augment_on_device=False, num_workers=0, plan_key="k",
+              validation={}).save(fold_dir / "run.json")
+
+
+def test_each_family_is_compared_with_its_own_control(experiment, tmp_path):
+    md = write_leaderboard(build_leaderboard(experiment, n_resamples=100), tmp_path / "before", plots=False)
+    assert "own control" not in md and "control_run" not in _csv(tmp_path / "before" / "leaderboard.csv")[0]
+    rng = np.random.default_rng(3)
+    for fold in (0, 1):  # the block helps: +0.02 on every case over its control
+        make_fold(experiment / "umamba_bot__dice_ce", fold, _case_rows(fold, rng, 0.02), parameters=26_000_000,
+                  gflops=60.0)
+        make_fold(experiment / "umamba_bot_control__dice_ce", fold, _case_rows(fold, rng, 0.0),
+                  parameters=25_900_000, gflops=58.0)
+        # the blocks hurt: swin_unetr (-0.01, fold 0 only) against a control 0.03 better
+        make_fold(experiment / "swin_unetr_control__dice_ce", fold, _case_rows(fold, rng, 0.02))
+    # a control of another loss has no family run to be compared with
+    make_fold(experiment / "umamba_bot_control__dice_focal", 0, _case_rows(0, rng, 0.0))
+
+    board = build_leaderboard(experiment, n_resamples=2000, seed=5)
+    md = write_leaderboard(board, tmp_path / "report", plots=False)
+    rows = {r["run"]: r for r in _csv(tmp_path / "report" / "leaderboard.csv")}
+    assert {n for n, r in rows.items() if r["control_run"]} == {"umamba_bot__dice_ce", "swin_unetr__dice_ce"}
+    assert rows["umamba_bot__dice_ce"]["control_run"] == "umamba_bot_control__dice_ce"
+    p_values = {}
+    for name, n in (("umamba_bot__dice_ce", 2 * CASES_PER_FOLD), ("swin_unetr__dice_ce", CASES_PER_FOLD)):
+        row = rows[name]
+        own = _case_means(_per_case(experiment / name))
+        control = _case_means(_per_case(experiment / row["control_run"]))
+        common = sorted(set(own) & set(control))
+        a, b = np.array([own[c] for c in common]), np.array([control[c] for c in common])
+        assert int(row["control_paired_cases"]) == len(common) == n
+        assert float(row["control_dice_diff"]) == pytest.approx(np.mean(a - b))
+        assert float(row["control_p_value"]) == pytest.approx(stats.wilcoxon(a, b).pvalue)
+        idx = np.random.default_rng(5).integers(0, len(a), size=(2000, len(a)))
+        low, high = np.percentile((a - b)[idx].mean(axis=1), [2.5, 97.5])
+        assert float(row["control_dice_diff_low"]) == pytest.approx(low)
+        assert float(row["control_dice_diff_high"]) == pytest.approx(high)
+        p_values[name] = float(row["control_p_value"])
+    assert float(rows["umamba_bot__dice_ce"]["control_dice_diff"]) > 0.01  # the family beats its control
+    assert float(rows["swin_unetr__dice_ce"]["control_dice_diff"]) < -0.02  # the control beats the family
+    # Holm across the two control comparisons only (the baseline comparisons are adjusted among themselves)
+    p_small, p_large = sorted(p_values.values())
+    expected = {p_small: min(1.0, 2 * p_small), p_large: min(1.0, max(2 * p_small, p_large))}
+    for name, p in p_values.items():
+        assert float(rows[name]["control_p_holm"]) == pytest.approx(expected[p])
+    assert rows["umamba_bot__dice_ce"]["control_significant"] == "True"
+    assert rows["umamba_bot_control__dice_ce"]["control_run"] == "" and rows["umamba_bot_control__dice_ce"]["p_value"]
+
+    section = md.split("## Family vs its own control")[1].split("## Per class")[0]
+    umamba = rows["umamba_bot__dice_ce"]
+    assert (f"| `umamba_bot__dice_ce` | `umamba_bot_control__dice_ce` | {float(umamba['control_dice_diff']):+.4f} "
+            f"[{float(umamba['control_dice_diff_low']):+.4f}, {float(umamba['control_dice_diff_high']):+.4f}] * | "
+            f"{2 * CASES_PER_FOLD} |") in section
+    assert "| +0.10 | +2.0 |" in section  # the Mamba layer's parameters (M) and GFLOPs
+    assert "across the 2 control comparisons" in section and "| `swin_unetr__dice_ce` |" in section
+    assert ("umamba_bot_control__dice_focal: a control without a umamba_bot run of the same loss and "
+            "configuration (dice_focal, 3d_fullres); not compared") in md
+
+
+def test_unequal_optimisers_and_schedulers_are_named_per_run(tmp_path):
+    rng = np.random.default_rng(4)
+    exp = tmp_path / "exp"
+    runs = {"unet__dice_ce": "unet", "umamba_bot__dice_ce": "umamba_bot",
+            "umamba_bot_control__dice_ce": "umamba_bot_control"}
+    for name, model in runs.items():
+        write_record(make_fold(exp / name, 0, _case_rows(0, rng, 0.0)), model)
+    notes = "\n".join(build_leaderboard(exp, n_resamples=100).notes)
+    assert "unequal" not in notes and "not matched" not in notes  # all AdamW + warm-up cosine, equal budgets
+
+    # nnU-Net's SGD + poly for the U-Net, and a control trained with another learning rate
+    write_record(exp / "unet__dice_ce" / "fold_0", "unet", ("torch.optim.SGD", SGD),
+                 ("medseg.training.schedules.poly", {"power": 0.9}))
+    write_record(exp / "umamba_bot_control__dice_ce" / "fold_0", "umamba_bot_control",
+                 ("torch.optim.AdamW", {**ADAMW, "lr": 3e-4}))
+    board = build_leaderboard(exp, n_resamples=100)
+    notes = "\n".join(board.notes)
+    assert ("unequal optimisers: umamba_bot__dice_ce AdamW lr 0.001 betas [0.9, 0.999]; "
+            "umamba_bot_control__dice_ce AdamW lr 0.0003 betas [0.9, 0.999]; "
+            "unet__dice_ce SGD lr 0.01 momentum 0.99 nesterov True") in notes
+    assert ("unequal schedulers: umamba_bot__dice_ce warmup_cosine min_lr_ratio 0 warmup_epochs None; "
+            "umamba_bot_control__dice_ce warmup_cosine min_lr_ratio 0 warmup_epochs None; "
+            "unet__dice_ce poly power 0.9") in notes
+    assert ("umamba_bot__dice_ce vs its control umamba_bot_control__dice_ce: unequal optimiser; the comparison is "
+            "not matched") in notes
+    assert "unequal optimisers" in write_leaderboard(board, tmp_path / "out", plots=False)
+    # a run of an older version (no run.json): its optimiser is unknown, and said to be
+    (exp / "unet__dice_ce" / "fold_0" / "run.json").unlink()
+    notes = "\n".join(build_leaderboard(exp, n_resamples=100).notes)
+    assert "unet__dice_ce unknown (no run.json)" in notes and "unequal schedulers" not in notes

@@ -35,7 +35,7 @@ def test_a_misspelled_key_in_a_model_config_stops_the_run():
     message = str(e.value)
     assert "model 'vilu_net'" in message and "'vil_deptth'" in message
     assert "did you mean 'vil_depth'?" in message
-    assert "accepted keys: chunk_size, deep_supervision, vil_depth, vil_heads, vil_max_tokens" in message
+    assert "accepted keys: chunk_size, control, deep_supervision, vil_depth, vil_heads, vil_max_tokens" in message
     assert "model/vilu_net.yaml" in message  # the config group option to fix
 
 
@@ -87,7 +87,8 @@ def test_every_loss_config_is_named_after_its_file():
 def test_specs_declare_patch_multiples_and_adapt_patches():
     assert {n: model_spec(n).patch_multiple for n in list_models()} == {
         "resenc_unet": 1, "swin_unetr": 32, "umamba_bot": 1, "umamba_enc": 1, "unet": 1, "unetr": 16,
-        "unetr_small": 16, "vilu_net": 1}
+        "unetr_small": 16, "vilu_net": 1, "swin_unetr_control": 32, "umamba_bot_control": 1,
+        "umamba_enc_control": 1, "unetr_control": 16, "unetr_small_control": 16, "vilu_net_control": 1}
     assert adapt_patch_for_model("swin_unetr", (40, 56, 40)) == [64, 64, 64]
     assert adapt_patch_for_model("unetr_small", [40, 56, 40]) == [48, 64, 48]
     patch = [40, 56, 40]

@@ -13,12 +13,21 @@ from medseg.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-def model_source(cfg: DictConfig) -> Path:
-    """ckpt_dir= (a run or fold folder) or model_file= (an archive or ONNX description): exactly one of them."""
+def model_source(cfg: DictConfig) -> Path | list[Path]:
+    """ckpt_dir= (a run or fold folder, or a list of them: an ensemble of runs) or model_file= (an archive or ONNX
+    description): exactly one of them."""
     given = [key for key in ("ckpt_dir", "model_file") if cfg.get(key) is not None]
     if len(given) != 1:
         raise ConfigError("give exactly one of ckpt_dir=<run or fold folder> and model_file=<archive .zip or ONNX "
                           f"description .json>{'; both were given' if given else ''}")
+    if given[0] == "ckpt_dir" and OmegaConf.is_list(cfg.ckpt_dir):
+        runs = [Path(str(p)) for p in cfg.ckpt_dir]
+        if not runs:
+            raise ConfigError("ckpt_dir=[]: give a run or fold folder, or several")
+        for run in runs:
+            if run.suffix.lower() in (".zip", ".json"):
+                raise ConfigError(f"ckpt_dir={run}: an ensemble of runs is given as their run or fold folders")
+        return runs if len(runs) > 1 else runs[0]
     source = Path(str(cfg[given[0]]))
     if given[0] == "ckpt_dir" and source.suffix.lower() in (".zip", ".json"):
         raise ConfigError(f"ckpt_dir={source}: a run or fold folder; an exported model is given as "
@@ -27,6 +36,15 @@ def model_source(cfg: DictConfig) -> Path:
         raise ConfigError(f"model_file={source}: an archive (.zip) or ONNX description (.json) from medseg-export; a "
                           f"run folder is given as ckpt_dir={source}")
     return source
+
+
+def postprocessing_choice(value) -> bool | Path:
+    """true / false, or a decision file (postprocessing.json of medseg-postprocess or medseg-select)."""
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "false"):
+        return str(value).lower() == "true"
+    return Path(str(value))
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="predict", version_base="1.3")
@@ -40,7 +58,7 @@ def main(cfg: DictConfig) -> None:
                              overlap=float(cfg.overlap), mirror_axes=mirror_axes, overwrite=bool(cfg.overwrite),
                              device=str(cfg.device), sw_batch_size=cfg.sw_batch_size,
                              save_probabilities=bool(cfg.save_probabilities), background_io=bool(cfg.background_io),
-                             postprocessing=bool(cfg.postprocessing), precision=str(cfg.precision),
+                             postprocessing=postprocessing_choice(cfg.postprocessing), precision=str(cfg.precision),
                              dicom_seg=bool(cfg.dicom_seg), backend=str(cfg.backend))
     print(summary.report())
     if summary.failed:

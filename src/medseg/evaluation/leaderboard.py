@@ -11,9 +11,15 @@ the per-case mean Dice difference (run - baseline), a seeded percentile-bootstra
 mean, the Wilcoxon signed-rank p-value, and Holm's adjustment of those p-values across all the runs compared.
 A comparison is significant when the adjusted p is at most ``alpha``.
 
+A run whose model has an ablation control in the experiment (model ``<model>_control``: the same network with
+the family's distinctive block replaced by identity; same loss and configuration) is also compared with that
+control the same way (run - control; Holm across the control comparisons only): "family vs its own control"
+says whether the block earns its cost, apart from "family vs U-Net", where the whole network differs.
+
 Runs or folds that are missing or unfinished are listed in the report, not fatal: the means of a run cover
 the folds it has, and the paired tests only the cases both runs have. So are unequal budgets (epochs x
-iterations per epoch x batch, from each fold's config.yaml and plan.json).
+iterations per epoch x batch, from each fold's config.yaml and plan.json) and unequal optimisers or schedulers
+(from each run's run.json), naming what each run used, and a family and control not trained alike.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from omegaconf.errors import OmegaConfBaseException
 from medseg.errors import MedsegError
 from medseg.evaluation.cv_summary import case_value, metric_columns, nanmean, read_case_rows
 from medseg.layout import RUN_RECORD, find_runs, indexed_fold_dirs, is_finished
-from medseg.record import RunRecord
+from medseg.record import Component, RunRecord
 from medseg.evaluation.metrics import METRICS, metric_stats
 from medseg.evaluation.statistics import bootstrap_ci, holm, paired_wilcoxon
 
@@ -41,6 +47,9 @@ DEFAULT_BASELINE = "unet__dice_ce"
 METRIC_LABELS = {"dice": "Dice", "hd95": "HD95 (mm)", "nsd": "surface Dice"}
 PLOT_DICE = "leaderboard_dice.png"
 PLOT_COST = "leaderboard_cost.png"
+# a family's ablation control is the model "<family>_control" (medseg.models.registry.CONTROL_SUFFIX; not imported
+# from there, which would load every model family into the report tool)
+CONTROL_SUFFIX = "_control"
 
 
 @dataclass
@@ -67,6 +76,13 @@ class RunResults:
             return self.record.loss.name
         parts = self.name.split("__")
         return parts[1] if len(parts) > 1 else ""
+
+    @property
+    def configuration(self) -> str:
+        if self.record is not None:
+            return self.record.configuration
+        parts = self.name.split("__")
+        return parts[2] if len(parts) > 2 else "3d_fullres"  # the folder name leaves the default one out
 
     def case_mean_dice(self) -> dict[str, float]:
         """case id -> mean Dice over classes (NaN classes skipped)."""
@@ -132,7 +148,7 @@ def _finite(values) -> list[float]:
     return [float(v) for v in values if v is not None and not math.isnan(float(v))]
 
 
-def _timing(run: RunResults) -> dict:
+def run_costs(run: RunResults) -> dict:
     """Cost figures over the run's finished folds; None where no fold recorded them."""
     timings = [(m.get("timing") or {}, m.get("num_cases", 0)) for m in run.metrics.values()]
 
@@ -210,10 +226,92 @@ def _notes(runs: list[RunResults], finished: list[RunResults]) -> list[str]:
             detail = f" ({_fold_list(unfinished)} unfinished)" if unfinished else ""
             notes.append(f"{run.name}: fold(s) {_fold_list(missing)} missing{detail}; its figures cover "
                          f"{_fold_list(run.folds)} only")
+    return notes + training_notes(finished)
+
+
+# what each run's record says it trained with: (note word, the component, keys always shown)
+_TRAINING: list[tuple[str, Callable[[RunRecord], Component | None], tuple[str, ...]]] = [
+    ("optimisers", lambda record: record.optimizer, ("lr",)),
+    ("schedulers", lambda record: record.scheduler, ())]
+
+
+def _component_key(component: Component | None) -> str:
+    return "" if component is None else json.dumps([component.name, component.kwargs], sort_keys=True, default=str)
+
+
+def _value_text(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_value_text(v) for v in value) + "]"
+    return str(value)
+
+
+def _component_text(component: Component | None, keys: Sequence[str]) -> str:
+    """'AdamW lr 0.001 betas [0.9, 0.999]': the target's last name and ``keys`` where it has them."""
+    if component is None:
+        return "none"
+    name = component.name.rsplit(".", 1)[-1] or "?"
+    return " ".join([name] + [f"{k} {_value_text(component.kwargs[k])}" for k in keys if k in component.kwargs])
+
+
+def training_notes(finished: list[RunResults]) -> list[str]:
+    """Unequal budgets, optimisers or schedulers across the ranked runs, each run with what it used (the keys that
+    differ between runs, and the learning rate); runs without a run record are listed as unknown."""
+    notes = []
     budgets = {b for run in finished for b in run.budgets}
     if len(budgets) > 1:
-        per_run = "; ".join(f"{run.name} {_budget_text(run)}" for run in finished)
+        per_run = "; ".join(f"{run.name} {budget_text(run)}" for run in finished)
         notes.append(f"unequal training budgets (epochs x iterations per epoch x batch): {per_run}")
+    for word, get, always in _TRAINING:
+        known = {run.name: get(run.record) for run in finished if run.record is not None}
+        if len({_component_key(c) for c in known.values()}) < 2:
+            continue
+        kwargs = [c.kwargs if c is not None else {} for c in known.values()]
+        # a key one run lacks differs from any value (None included) another run gives it
+        differing = sorted({k for kw in kwargs for k in kw
+                            if len({_value_text(x[k]) if k in x else None for x in kwargs}) > 1})
+        keys = [*always, *(k for k in differing if k not in always)]
+        per_run = "; ".join(f"{run.name} {_component_text(known[run.name], keys)}" if run.name in known
+                            else f"{run.name} unknown (no run.json)" for run in finished)
+        notes.append(f"unequal {word}: {per_run}")
+    return notes
+
+
+def _unmatched(run: RunResults, control: RunResults) -> list[str]:
+    """What a run and its control were not trained alike in (budget, optimiser, scheduler)."""
+    differs = ["budget"] if run.budgets != control.budgets else []
+    if run.record is not None and control.record is not None:
+        differs += [word[:-1] for word, get, _ in _TRAINING
+                    if _component_key(get(run.record)) != _component_key(get(control.record))]
+    return differs
+
+
+def _control_pairs(finished: list[RunResults]) -> list[tuple[RunResults, RunResults]]:
+    """(run, its control run) for every run whose model has a control run of the same loss and configuration."""
+    by_key: dict[tuple[str, str, str], RunResults] = {}
+    for run in sorted(finished, key=lambda r: r.name):
+        by_key.setdefault((run.model, run.loss, run.configuration), run)
+    pairs = []
+    for run in finished:
+        control = by_key.get((run.model + CONTROL_SUFFIX, run.loss, run.configuration))
+        if control is not None:
+            pairs.append((run, control))
+    return pairs
+
+
+def _control_notes(finished: list[RunResults], pairs: list[tuple[RunResults, RunResults]]) -> list[str]:
+    notes = []
+    paired = {control.name for _, control in pairs}
+    for run in finished:
+        if run.model.endswith(CONTROL_SUFFIX) and run.name not in paired:
+            notes.append(f"{run.name}: a control without a {run.model[:-len(CONTROL_SUFFIX)]} run of the same loss "
+                         f"and configuration ({run.loss}, {run.configuration}); not compared")
+    for run, control in pairs:
+        differs = _unmatched(run, control)
+        if differs:
+            notes.append(f"{run.name} vs its control {control.name}: unequal {', '.join(differs)}; the "
+                         "comparison is not matched")
     return notes
 
 
@@ -221,9 +319,34 @@ def _fold_list(folds: list[int]) -> str:
     return ", ".join(str(k) for k in folds) or "none"
 
 
-def _budget_text(run: RunResults) -> str:
+def budget_text(run: RunResults) -> str:
     return " / ".join(" x ".join("?" if v is None else str(v) for v in b)
                       for b in sorted(run.budgets, key=str)) or "unknown"
+
+
+CONTROL_PREFIX = "control_"  # the columns of the comparison with the run's own control
+
+
+def paired_comparison(dice: dict[str, float], other: dict[str, float], prefix: str, n_resamples: int,
+                      confidence: float, seed: int) -> dict:
+    """Per-case mean Dice of a run minus another's on the cases both have (paired by case id): the mean with a
+    percentile-bootstrap interval and the Wilcoxon signed-rank test, under column names starting ``prefix``."""
+    common = sorted(set(dice) & set(other))
+    a = np.array([dice[c] for c in common])
+    b = np.array([other[c] for c in common])
+    ci = bootstrap_ci(a, b, n_resamples=n_resamples, confidence=confidence, seed=seed)
+    test = paired_wilcoxon(a, b)
+    return {f"{prefix}paired_cases": ci.n, f"{prefix}dice_diff": ci.mean, f"{prefix}dice_diff_low": ci.low,
+            f"{prefix}dice_diff_high": ci.high, f"{prefix}wilcoxon_stat": test.statistic,
+            f"{prefix}p_value": test.pvalue}
+
+
+def adjust_holm(rows: list[dict], prefix: str, alpha: float) -> None:
+    """Holm's adjustment across the rows holding a ``prefix`` comparison, and whether each is significant."""
+    compared = [r for r in rows if f"{prefix}p_value" in r]
+    for r, p in zip(compared, holm([r[f"{prefix}p_value"] for r in compared])):
+        r[f"{prefix}p_holm"] = float(p)
+        r[f"{prefix}significant"] = bool(p <= alpha)
 
 
 def build_leaderboard(experiment_dir: Path, baseline: str | None = None, n_resamples: int = 10000,
@@ -240,6 +363,10 @@ def build_leaderboard(experiment_dir: Path, baseline: str | None = None, n_resam
     classes = _classes(finished)
 
     base_dice = by_name[base_name].case_mean_dice()
+
+    def paired(dice: dict[str, float], other: dict[str, float], prefix: str) -> dict:
+        return paired_comparison(dice, other, prefix, n_resamples, confidence, seed)
+
     rows = []
     for run in finished:
         summary = run.model_summary or {}
@@ -247,32 +374,29 @@ def build_leaderboard(experiment_dir: Path, baseline: str | None = None, n_resam
                "cases": len(run.rows), **_accuracy(run, classes),
                "parameters": summary.get("parameters"), "gflops": summary.get("gflops"),
                "patch": "x".join(str(s) for s in summary.get("input_shape", [])[2:]) or None,
-               "budget": _budget_text(run), **_timing(run)}
+               "budget": budget_text(run), **run_costs(run)}
         if run.name != base_name:
-            dice = run.case_mean_dice()
-            common = sorted(set(dice) & set(base_dice))
-            a = np.array([dice[c] for c in common])
-            b = np.array([base_dice[c] for c in common])
-            ci = bootstrap_ci(a, b, n_resamples=n_resamples, confidence=confidence, seed=seed)
-            test = paired_wilcoxon(a, b)
-            row.update({"paired_cases": ci.n, "dice_diff": ci.mean, "dice_diff_low": ci.low,
-                        "dice_diff_high": ci.high, "wilcoxon_stat": test.statistic, "p_value": test.pvalue})
+            row.update(paired(run.case_mean_dice(), base_dice, ""))
         rows.append(row)
-    compared = [r for r in rows if "p_value" in r]
-    for r, p in zip(compared, holm([r["p_value"] for r in compared])):
-        r["p_holm"] = float(p)
-        r["significant"] = bool(p <= alpha)
+    adjust_holm(rows, "", alpha)
+    # each family against its own control, Holm across these comparisons
+    pairs = _control_pairs(finished)
+    by_run = {r["run"]: r for r in rows}
+    for run, control in pairs:
+        by_run[run.name]["control_run"] = control.name
+        by_run[run.name].update(paired(run.case_mean_dice(), control.case_mean_dice(), CONTROL_PREFIX))
+    adjust_holm(rows, CONTROL_PREFIX, alpha)
     rows.sort(key=lambda r: (-r["dice_mean"] if not math.isnan(r["dice_mean"]) else math.inf, r["run"]))
     for rank, r in enumerate(rows, 1):
         r["rank"] = rank
-    notes = _notes(runs, finished)
+    notes = _notes(runs, finished) + _control_notes(finished, pairs)
     return Leaderboard(experiment_dir.name, base_name, classes, rows, by_name, notes, confidence, alpha,
                        n_resamples, seed)
 
 
 # ---- report ----------------------------------------------------------------------------------------------
 
-def _fmt(value, digits: int = 4) -> str:
+def fmt(value, digits: int = 4) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return f"{value:.{digits}f}"
@@ -284,19 +408,48 @@ def _pm(row: dict, key: str, digits: int = 4) -> str:
     return f"{row[key]:.{digits}f} ± {row[f'{key}_std']:.{digits}f}"
 
 
-def _p(value) -> str:
+def fmt_p(value) -> str:
     if value is None or math.isnan(value):
         return "-"
     return f"{value:.2e}" if value < 1e-3 else f"{value:.3f}"
 
 
-def _comparison(row: dict, board: Leaderboard) -> str:
-    if row["run"] == board.baseline:
+def _comparison(row: dict, board: Leaderboard, prefix: str = "") -> str:
+    if not prefix and row["run"] == board.baseline:
         return "baseline"
-    if not row.get("paired_cases"):
+    if not row.get(f"{prefix}paired_cases"):
         return "no common cases"
-    mark = " *" if row["significant"] else ""
-    return (f"{row['dice_diff']:+.4f} [{row['dice_diff_low']:+.4f}, {row['dice_diff_high']:+.4f}]{mark}")
+    mark = " *" if row[f"{prefix}significant"] else ""
+    return (f"{row[f'{prefix}dice_diff']:+.4f} [{row[f'{prefix}dice_diff_low']:+.4f}, "
+            f"{row[f'{prefix}dice_diff_high']:+.4f}]{mark}")
+
+
+def _difference(row: dict, other: dict | None, key: str, scale: float, digits: int) -> str:
+    if other is None or row.get(key) is None or other.get(key) is None:
+        return "-"
+    return f"{(row[key] - other[key]) * scale:+.{digits}f}"
+
+
+def _control_section(board: Leaderboard) -> list[str]:
+    rows = [r for r in board.rows if "control_run" in r]
+    if not rows:
+        return []
+    pct = f"{board.confidence:.0%}"
+    by_run = {r["run"]: r for r in board.rows}
+    out = ["", "## Family vs its own control", "",
+           "The control is the same network with the family's distinctive block (Mamba, mLSTM or transformer "
+           "blocks) replaced by identity, trained with the same loss and configuration. ΔDice: per-case mean "
+           f"Dice of the family minus its control's on the cases both have (positive: the block helps), {pct} "
+           f"percentile-bootstrap interval; p: Wilcoxon signed-rank, two-sided; Holm: adjusted across the "
+           f"{len(rows)} control comparison{'s' if len(rows) > 1 else ''}; * significant at {board.alpha} after "
+           "Holm. Block cost: the family's parameters and GFLOPs minus the control's.", ""]
+    out += _table(["family", "control", f"ΔDice [{pct} CI]", "paired cases", "p", "p Holm", "block parameters (M)",
+                   "block GFLOPs"],
+                  [[f"`{r['run']}`", f"`{r['control_run']}`", _comparison(r, board, CONTROL_PREFIX),
+                    str(r["control_paired_cases"]), fmt_p(r["control_p_value"]), fmt_p(r["control_p_holm"]),
+                    _difference(r, by_run.get(r["control_run"]), "parameters", 1e-6, 2),
+                    _difference(r, by_run.get(r["control_run"]), "gflops", 1.0, 1)] for r in rows])
+    return out
 
 
 def _table(header: list[str], lines: list[list[str]]) -> list[str]:
@@ -316,8 +469,9 @@ def leaderboard_markdown(board: Leaderboard, plots: Sequence[str] = ()) -> str:
                    f"ΔDice [{pct} CI]", "paired cases", "p", "p Holm"],
                   [[str(r["rank"]), f"`{r['run']}`", r["folds"], str(r["cases"]), _pm(r, "dice_mean"),
                     _pm(r, "hd95_mean", 2), _pm(r, "nsd_mean"), _comparison(r, board),
-                    str(r.get("paired_cases", "-")), _p(r.get("p_value")), _p(r.get("p_holm"))]
+                    str(r.get("paired_cases", "-")), fmt_p(r.get("p_value")), fmt_p(r.get("p_holm"))]
                    for r in board.rows])
+    out += _control_section(board)
     out += ["", "## Per class", ""]
     header = ["run"] + [f"{METRIC_LABELS[m]} {c}" for m in METRICS for c in board.classes]
     out += _table(header, [[f"`{r['run']}`"] + [_pm(r, f"{m}_{c}", 2 if m == "hd95" else 4) for m in METRICS
@@ -330,10 +484,10 @@ def leaderboard_markdown(board: Leaderboard, plots: Sequence[str] = ()) -> str:
             "test-time mirroring).", ""]
     out += _table(["run", "parameters (M)", "GFLOPs", "patch", "budget", "epoch (s)", "training (h)",
                    "peak GPU memory (GB)", "peak RSS (GB)", "inference (s/case)", "device"],
-                  [[f"`{r['run']}`", _fmt(r["parameters"] / 1e6 if r["parameters"] else None, 2),
-                    _fmt(r["gflops"], 1), r["patch"] or "-", r["budget"], _fmt(r["epoch_s_median"], 1),
-                    _fmt(r["train_h_total"], 2), _fmt(r["peak_gpu_memory_gb"], 2), _fmt(r["peak_rss_gb"], 2),
-                    _fmt(r["inference_s_per_case"], 2), r["device"] or "-"] for r in board.rows])
+                  [[f"`{r['run']}`", fmt(r["parameters"] / 1e6 if r["parameters"] else None, 2),
+                    fmt(r["gflops"], 1), r["patch"] or "-", r["budget"], fmt(r["epoch_s_median"], 1),
+                    fmt(r["train_h_total"], 2), fmt(r["peak_gpu_memory_gb"], 2), fmt(r["peak_rss_gb"], 2),
+                    fmt(r["inference_s_per_case"], 2), r["device"] or "-"] for r in board.rows])
     if board.notes:
         out += ["", "## Missing or incomplete", "", *(f"- {n}" for n in board.notes)]
     if plots:

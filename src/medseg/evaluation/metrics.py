@@ -124,12 +124,27 @@ def case_metrics(pred: np.ndarray, ref: np.ndarray, class_names: Mapping[int, st
     valid = None if ignore_label is None else ref != ignore_label
 
     def mask(labels: np.ndarray, c: int) -> np.ndarray:
-        values = list(members[c]) if members is not None else [c]
-        m = labels == values[0] if len(values) == 1 else np.isin(labels, values)
-        return m & valid if valid is not None else m
+        return _class_mask(labels, list(members[c]) if members is not None else [c], valid)
 
     scores = {c: class_metrics(mask(pred, c), mask(ref, c), spacing, tolerances[c]) for c in class_names}
     return {f"{m}_{name}": scores[c][m] for m in METRICS for c, name in class_names.items()}
+
+
+def _class_mask(labels: np.ndarray, values: list[int], valid: np.ndarray | None) -> np.ndarray:
+    m = labels == values[0] if len(values) == 1 else np.isin(labels, values)
+    return m & valid if valid is not None else m
+
+
+def case_dice(pred: np.ndarray, ref: np.ndarray, class_names: Mapping[int, str],
+              members: Mapping[int, Sequence[int]] | None = None, ignore_label: int | None = None) -> dict[int, float]:
+    """Dice per class as ``case_metrics`` scores it (same classes, regions and ignore label), without the
+    surface metrics: for scoring many candidate predictions of a case."""
+    valid = None if ignore_label is None else ref != ignore_label
+    out = {}
+    for c in class_names:
+        values = list(members[c]) if members is not None else [c]
+        out[c] = dice_of_masks(_class_mask(pred, values, valid), _class_mask(ref, values, valid))
+    return out
 
 
 def scheme_targets(scheme: LabelScheme) -> tuple[dict[int, str], dict[int, tuple[int, ...]]]:

@@ -27,8 +27,9 @@ from medseg.errors import MedsegError, VolumeError
 from medseg.inference.batch import (BatchSummary, collect_inputs, find_postprocessing, predict_files, resolve_device,
                                     resolve_sw_batch_size)
 from medseg.inference.cascade import previous_stage_predictor
+from medseg.inference.ensemble import RunEnsemble
 from medseg.inference.export import ModelArchive, is_archive
-from medseg.inference.postprocessing import PostprocessingSpec, apply_postprocessing
+from medseg.inference.postprocessing import PostprocessingSpec, apply_postprocessing, load_postprocessing
 from medseg.inference.predictor import Predictor, TrainedModel, find_checkpoints, load_checkpoint
 from medseg.planning.plan import Plan
 
@@ -92,33 +93,73 @@ def load_models(source: str | Path, device: torch.device, checkpoint: str = "las
                         find_postprocessing(source), source, "run")
 
 
+def _postprocessing_file(path: Path) -> PostprocessingSpec | None:
+    """A decision file given by name: it must exist (a wrong path is an error, not silently no post-processing)."""
+    if not path.is_file():
+        raise MedsegError(f"postprocessing={path}: no such file (a postprocessing.json from medseg-postprocess or "
+                          "medseg-select, or true/false)")
+    spec = load_postprocessing(path)
+    return spec if spec is not None and spec.enabled else None
+
+
 class Segmenter:
     """A trained model (fold ensemble) that segments image files, arrays and folders. Build it with
     :meth:`from_run`."""
 
-    def __init__(self, predictor: Predictor, postprocessing: PostprocessingSpec | None = None,
-                 source: Path | None = None, backend: str = "torch"):
+    def __init__(self, predictor: Predictor | RunEnsemble, postprocessing: PostprocessingSpec | None = None,
+                 source: Path | None = None, backend: str = "torch", sources: list[Path] | None = None):
         self.predictor = predictor
         self.postprocessing = postprocessing
+        self.sources = sources if sources is not None else [source] if source is not None else []
         self.source = source
         self.backend = backend
 
     @classmethod
-    def from_run(cls, path: str | Path, device: str = "auto", folds: Sequence[int | str] | None = None,
-                 mirror_axes: str | Sequence[int] | None = "all", checkpoint: str = "last", overlap: float = 0.5,
-                 precision: str = "auto", sw_batch_size: int | str = "auto", backend: str = "torch",
-                 postprocessing: bool = True) -> "Segmenter":
+    def from_run(cls, path: str | Path | Sequence[str | Path], device: str = "auto",
+                 folds: Sequence[int | str] | None = None, mirror_axes: str | Sequence[int] | None = "all",
+                 checkpoint: str = "last", overlap: float = 0.5, precision: str = "auto",
+                 sw_batch_size: int | str = "auto", backend: str = "torch",
+                 postprocessing: bool | str | Path = True) -> "Segmenter":
         """Load a model.
 
         path: a run folder (its folds are ensembled), one fold folder, a model archive (``.zip`` from
-            ``medseg-export``) or an ONNX export's description (``.json``; backend onnxruntime).
+            ``medseg-export``) or an ONNX export's description (``.json``; backend onnxruntime); or a list of
+            them: an ensemble of runs (other configurations or models), whose probabilities are averaged
+            (medseg.inference.ensemble), as ``medseg-select`` recommends.
         device: ``auto`` (CUDA where available), ``cpu``, ``cuda``.
         folds: fold numbers to ensemble (None: all the source has).
         mirror_axes: test-time mirroring: ``all`` (every spatial axis), None/[] (none) or axes in planning order.
         checkpoint: ``last`` (final weights) or ``best``, for run folders.
         backend: ``torch``, or ``onnxruntime`` (each network exported to ONNX and run by onnxruntime in float32).
-        postprocessing: apply the run's cross-validated post-processing to label maps.
+        postprocessing: apply the run's cross-validated post-processing to label maps (an ensemble of runs has
+            none of its own), or a decision file to apply (``postprocessing.json`` of a run, or the one
+            ``medseg-select`` writes for its choice); False: none.
         """
+        if isinstance(path, (str, Path)) or len(path) == 1:
+            single = Path(path if isinstance(path, (str, Path)) else path[0])
+            segmenter = cls._load_one(single, device, folds, mirror_axes, checkpoint, overlap, precision,
+                                      sw_batch_size, backend, postprocessing is True)
+            if not isinstance(postprocessing, bool):
+                segmenter.postprocessing = _postprocessing_file(Path(postprocessing))
+            return segmenter
+        if not path:
+            raise MedsegError("no model given: a run folder, fold folder, archive or a list of them")
+        members = [cls._load_one(Path(p), device, folds, mirror_axes, checkpoint, overlap, precision, sw_batch_size,
+                                 backend, False) for p in path]
+        spec = None if isinstance(postprocessing, bool) else _postprocessing_file(Path(postprocessing))
+        if postprocessing is True:
+            log.info("an ensemble of %d runs: no run's own post-processing applies (give postprocessing=<file> "
+                     "from medseg-select to apply its decision)", len(members))
+        predictors = [m.predictor for m in members]
+        assert all(isinstance(p, Predictor) for p in predictors)  # one run each
+        ensemble = RunEnsemble(predictors)  # type: ignore[arg-type]
+        log.info("ensemble of %d runs, their probabilities averaged: %s", len(members), ", ".join(map(str, path)))
+        return cls(ensemble, spec, None, backend, sources=[Path(p) for p in path])
+
+    @classmethod
+    def _load_one(cls, path: Path, device: str, folds: Sequence[int | str] | None,
+                  mirror_axes: str | Sequence[int] | None, checkpoint: str, overlap: float, precision: str,
+                  sw_batch_size: int | str, backend: str, postprocessing: bool) -> "Segmenter":
         if backend not in BACKENDS:
             raise MedsegError(f"backend={backend!r}: expected one of {list(BACKENDS)}")
         if overlap < 0 or overlap >= 1:
@@ -202,6 +243,7 @@ class Segmenter:
         skipped unless ``overwrite``."""
         input_dir, output_dir = Path(input), Path(output)
         files = collect_inputs(input_dir, output_dir)
-        record = {"model": str(self.source) if self.source is not None else None, "backend": self.backend}
+        record = {"model": str(self.source) if self.source is not None else None, "backend": self.backend,
+                  **({"ensemble_of_runs": [str(p) for p in self.sources]} if len(self.sources) > 1 else {})}
         return predict_files(self.predictor, files, input_dir, output_dir, self.postprocessing, overwrite,
                              save_probabilities, background_io, progress, record, dicom_seg)

@@ -15,7 +15,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm import tqdm
@@ -28,11 +28,14 @@ from medseg.inference.postprocessing import PostprocessingSpec, apply_postproces
 from medseg.errors import MedsegError, VolumeError, WriteError
 from medseg.locking import exclusive
 from medseg.inference.dicom_seg import write_dicom_seg
-from medseg.inference.predictor import (Predictor, Prepared, check_output_dir, check_output_outside_inputs,
-                                        dicom_seg_path, group_cases, output_path, probabilities_path,
-                                        write_probabilities)
+from medseg.inference.ensemble import RunEnsemble
+from medseg.inference.predictor import (Predictor, check_output_dir, check_output_outside_inputs,
+                                        dicom_seg_path, group_cases, output_path, probabilities_path)
+from medseg.inference.probability_files import write_probabilities
 
 log = logging.getLogger(__name__)
+
+CasePredictor = Predictor | RunEnsemble  # one run (its fold ensemble), or several runs' probabilities averaged
 
 SUMMARY_FILE = "prediction_summary.json"
 LOCK_FILE = ".medseg-predict.lock"  # held while a prediction writes into the folder, removed afterwards
@@ -127,16 +130,17 @@ def collect_inputs(source: Path, output_dir: Path) -> list[ImageInput]:
     raise MedsegError(f"{source}: input folder or list file not found")
 
 
-def predict_folder(ckpt_dir: Path, input_dir: Path, output_dir: Path, checkpoint: str = "last",
+def predict_folder(ckpt_dir: Path | Sequence[Path], input_dir: Path, output_dir: Path, checkpoint: str = "last",
                    overlap: float = 0.5, mirror_axes: str | Sequence[int] | None = "all", overwrite: bool = False,
                    device: str = "auto", sw_batch_size: int | str = "auto", progress: bool | None = None,
                    save_probabilities: bool = False, background_io: bool = True,
-                   postprocessing: bool = True, precision: str = "auto", backend: str = "torch",
+                   postprocessing: bool | str | Path = True, precision: str = "auto", backend: str = "torch",
                    folds: Sequence[int | str] | None = None, dicom_seg: bool = False) -> BatchSummary:
     """Predict every case of ``input_dir`` (a folder, or a text file listing image paths) into ``output_dir``
     and write ``prediction_summary.json`` there. ``ckpt_dir``: a run or fold folder, a model archive (.zip) or an
-    ONNX export's description (.json); prediction goes through medseg.inference.api.Segmenter, as the Python API's
-    does. ``progress``: a bar (True), log lines (False), or a bar on a terminal only (None)."""
+    ONNX export's description (.json), or several (an ensemble of runs); prediction goes through
+    medseg.inference.api.Segmenter, as the Python API's does. ``progress``: a bar (True), log lines (False), or a
+    bar on a terminal only (None)."""
     from medseg.inference.api import Segmenter
 
     collect_inputs(input_dir, output_dir)  # bad inputs or output location: refused before any model is loaded
@@ -147,7 +151,7 @@ def predict_folder(ckpt_dir: Path, input_dir: Path, output_dir: Path, checkpoint
                                     background_io=background_io, progress=progress, dicom_seg=dicom_seg)
 
 
-def predict_files(predictor: Predictor, files: list[ImageInput], input_dir: Path, output_dir: Path,
+def predict_files(predictor: CasePredictor, files: list[ImageInput], input_dir: Path, output_dir: Path,
                   postprocessing: PostprocessingSpec | None = None, overwrite: bool = False,
                   save_probabilities: bool = False, background_io: bool = True, progress: bool | None = None,
                   record: dict | None = None, dicom_seg: bool = False) -> BatchSummary:
@@ -247,7 +251,7 @@ class _Progress:
 
 @dataclass
 class _Loaded:
-    prepared: Prepared
+    prepared: Any  # Prepared, or EnsemblePrepared for an ensemble of runs
     geometry: Geometry
     seconds: float
 
@@ -262,7 +266,7 @@ def find_postprocessing(ckpt_dir: Path) -> PostprocessingSpec | None:
     return None
 
 
-def predict_cases(predictor: Predictor, jobs: list[CaseJob], summary: BatchSummary, progress: bool | None = None,
+def predict_cases(predictor: CasePredictor, jobs: list[CaseJob], summary: BatchSummary, progress: bool | None = None,
                   background: bool = True, postprocessing: PostprocessingSpec | None = None) -> BatchSummary:
     """Predict ``jobs`` in order, reading one case ahead and writing one case behind in background threads
     (``background=False``: the same steps, one after the other). Per-case errors go into ``summary``."""
@@ -272,7 +276,7 @@ def predict_cases(predictor: Predictor, jobs: list[CaseJob], summary: BatchSumma
 
 
 class _Pipeline:
-    def __init__(self, predictor: Predictor, summary: BatchSummary, bar: _Progress, background: bool,
+    def __init__(self, predictor: CasePredictor, summary: BatchSummary, bar: _Progress, background: bool,
                  postprocessing: PostprocessingSpec | None = None):
         self.predictor, self.summary, self.bar = predictor, summary, bar
         self.postprocessing = postprocessing
@@ -312,7 +316,7 @@ class _Pipeline:
         prepared = self.predictor.prepare(image, geometry.spacing)
         return _Loaded(prepared, geometry, time.perf_counter() - t0)
 
-    def infer(self, job: CaseJob, loaded: _Loaded) -> tuple[list[torch.Tensor], dict[str, float]] | None:
+    def infer(self, job: CaseJob, loaded: _Loaded) -> tuple[list, dict[str, float]] | None:
         """Foreground: the model on the compute device."""
         t0 = time.perf_counter()
         try:
@@ -324,7 +328,7 @@ class _Pipeline:
             loaded.prepared.release()
         return logits, {"read": loaded.seconds, "predict": time.perf_counter() - t0}
 
-    def save(self, job: CaseJob, logits: list[torch.Tensor], loaded: _Loaded) -> float:
+    def save(self, job: CaseJob, logits: list, loaded: _Loaded) -> float:
         """Background: back onto the input grid, argmax, write (probabilities and DICOM-SEG first: the label map
         is what marks a case done)."""
         t0 = time.perf_counter()

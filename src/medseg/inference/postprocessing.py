@@ -115,8 +115,9 @@ def save_postprocessing(run_dir: str | Path, spec: PostprocessingSpec, evidence:
 
 
 def load_postprocessing(run_dir: str | Path) -> PostprocessingSpec | None:
-    """The run's decided post-processing; None where medseg-postprocess has not been run."""
-    path = Path(run_dir) / SPEC_FILE
+    """The run's decided post-processing (or that of a decision file given itself, such as selection's); None where
+    medseg-postprocess has not been run."""
+    path = Path(run_dir) if Path(run_dir).suffix == ".json" else Path(run_dir) / SPEC_FILE
     if not path.is_file():
         return None
     try:

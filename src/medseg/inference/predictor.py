@@ -19,7 +19,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from medseg.atomic import atomic_path
 from medseg.checkpoint import load_weights_only
 from medseg.datasets.dicom import DicomSeries, ImageInput
 from medseg.datasets.io import image_suffix, read_image, strip_suffix, write_label
@@ -30,6 +29,7 @@ from medseg.planning.plan import ConfigurationPlan, Plan
 from medseg.precision import autocast_dtype, cuda_capability, inference_precision
 from medseg.preprocessing.pipeline import CaseProperties, outside_crop_logits, preprocess_image
 from medseg.preprocessing.previous_stage import num_input_channels, with_previous_stage
+from medseg.inference.probability_files import probability_file, write_probabilities
 from medseg.inference.sliding_window import predict_logits
 
 log = logging.getLogger(__name__)
@@ -146,8 +146,22 @@ class Prediction:
     probabilities: np.ndarray | None = None  # float16 (channels, z, y, x) softmax, or sigmoid per region
 
 
+class StagedPrediction:
+    """A whole case through a predictor's three steps (prepare, infer, finish); shared by one run's Predictor and
+    an ensemble of runs (medseg.inference.ensemble)."""
+
+    def predict(self, image: np.ndarray, spacing, probabilities: bool = False) -> "Prediction":
+        prepared = self.prepare(image, spacing)  # type: ignore[attr-defined]
+        logits = self.infer(prepared)  # type: ignore[attr-defined]
+        prepared.release()
+        return self.finish(logits, prepared, probabilities)  # type: ignore[attr-defined]
+
+    def predict_label(self, image: np.ndarray, spacing) -> np.ndarray:
+        return self.predict(image, spacing).label
+
+
 @dataclass
-class Predictor:
+class Predictor(StagedPrediction):
     models: list[TrainedModel]
     overlap: float = 0.5
     mirror_axes: str | tuple[int, ...] | None = None  # "all", None or axes; resolved per model's configuration
@@ -236,29 +250,20 @@ class Predictor:
         shape, values, scheme = prepared.shape, self.label_values, self.plan.label_scheme
         label = np.empty(shape, dtype=np.int16)
         probs = np.empty((len(values), *shape), dtype=np.float16) if probabilities else None
-        for start, stop in _slabs(shape, len(values)):
-            mean = self._mean_logits(logits, prepared, start, stop)
+        for start, stop in slabs(shape, len(values)):
+            mean = self.mean_logits(logits, prepared, start, stop)
             label[start:stop] = scheme.logits_to_labels(mean, dim=0).numpy()
             if probs is not None:
                 probs[:, start:stop] = scheme.probabilities(mean, 0).numpy()
             del mean
         return Prediction(label, values, probs)
 
-    def predict(self, image: np.ndarray, spacing, probabilities: bool = False) -> Prediction:
-        prepared = self.prepare(image, spacing)
-        logits = self.infer(prepared)
-        prepared.release()
-        return self.finish(logits, prepared, probabilities)
-
     def predict_logits(self, image: np.ndarray, spacing) -> torch.Tensor:
         """(c, *shape) image on its own grid -> (classes, *shape) float32 mean logits on the same grid."""
         prepared = self.prepare(image, spacing)
         logits = self.infer(prepared)
         prepared.release()
-        return self._mean_logits(logits, prepared, 0, prepared.shape[0])
-
-    def predict_label(self, image: np.ndarray, spacing) -> np.ndarray:
-        return self.predict(image, spacing).label
+        return self.mean_logits(logits, prepared, 0, prepared.shape[0])
 
     def predict_file(self, paths: list[Path], output: Path, probabilities_output: Path | None = None) -> None:
         image, geometry = read_image(paths)
@@ -269,7 +274,7 @@ class Predictor:
             write_probabilities(probabilities_output, result.probabilities, result.labels)
         write_label(result.label, geometry, output)
 
-    def _mean_logits(self, logits: list[torch.Tensor], prepared: Prepared, start: int, stop: int) -> torch.Tensor:
+    def mean_logits(self, logits: list[torch.Tensor], prepared: Prepared, start: int, stop: int) -> torch.Tensor:
         """Mean logits of the ensemble for input-grid rows [start, stop) of array axis 0, float32."""
         total: torch.Tensor | None = None
         for group_logits, group in zip(logits, prepared.groups):
@@ -279,7 +284,7 @@ class Predictor:
         return total / len(self.models)
 
 
-def _slabs(shape, num_classes: int) -> list[tuple[int, int]]:
+def slabs(shape, num_classes: int) -> list[tuple[int, int]]:
     rows = max(1, SLAB_BYTES // (4 * num_classes * int(np.prod(shape[1:]))))
     return [(s, min(s + rows, shape[0])) for s in range(0, shape[0], rows)]
 
@@ -327,13 +332,6 @@ def resample_rows(x: torch.Tensor, shape, axis: int, start: int, stop: int) -> t
     return moved.movedim(0, axis + 1)
 
 
-def write_probabilities(path: str | Path, probabilities: np.ndarray, labels: np.ndarray) -> None:
-    """``<case>_probabilities.npz``: ``probabilities`` float16 (classes, z, y, x) and ``labels`` (the label
-    value of each class channel); atomic (temp + rename)."""
-    with atomic_path(path, suffix=".npz") as tmp:
-        np.savez_compressed(tmp, probabilities=probabilities, labels=labels)
-
-
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
@@ -374,7 +372,7 @@ def dicom_seg_path(case_id: str, output_dir: Path) -> Path:
 
 
 def probabilities_path(case_id: str, output_dir: Path) -> Path:
-    return output_dir / f"{case_id}_probabilities.npz"
+    return probability_file(output_dir, case_id)
 
 
 def check_output_dir(input_dir: Path, output_dir: Path) -> None:

@@ -9,6 +9,11 @@ importing the model's module. A preset (``register_preset``) is a model of its o
 factory with other default keys (``unetr_small``: UNETR with a ViT-Tiny-sized encoder), so its runs and
 checkpoints carry its own name. ``create_model`` refuses a key the model's factory does not take (ConfigError
 naming it), so a misspelled key in a model config never silently trains the defaults.
+
+Ablation controls: every hybrid family (Mamba, mLSTM, transformer blocks added to a convolutional U-Net) takes
+``control=True``, which builds the same network with that distinctive block replaced by identity.
+``register_control(family)`` registers it as the preset ``<family>_control`` (CONTROL_SUFFIX), with its own run
+folders and checkpoints and the family's optimiser and schedule, so the block is judged against its own network.
 """
 
 from __future__ import annotations
@@ -25,11 +30,14 @@ from medseg.config_keys import accepted_keys, check_keys
 from medseg.errors import ConfigError
 from medseg.planning.plan import ConfigurationPlan
 
-__all__ = ["ENCODER_PREFIXES", "ModelSpec", "adapt_patch", "adapt_patch_for_model", "check_model_keys", "create_model",
-           "encoder_prefixes", "list_models", "model_spec", "register_model", "register_preset"]
+__all__ = ["CONTROL_SUFFIX", "ENCODER_PREFIXES", "ModelSpec", "adapt_patch", "adapt_patch_for_model",
+           "check_model_keys", "create_model", "encoder_prefixes", "list_models", "model_spec", "register_control",
+           "register_model", "register_preset"]
 
 # create_model's own arguments, never keys of a model config
 _BUILD_ARGS = ("spatial_dims", "in_channels", "out_channels", "plan")
+# a family's matched control is the model "<family>_control" (the leaderboard pairs runs by this name)
+CONTROL_SUFFIX = "_control"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +103,14 @@ def register_preset(name: str, base: str, **defaults) -> ModelSpec:
                                     base=spec.base or base))
 
 
+def register_control(base: str) -> ModelSpec:
+    """Register ``<base>_control``: model ``base`` built with ``control=True`` (its distinctive block replaced by
+    identity). The family's factory must take ``control``; presets of a preset keep that preset's values."""
+    if "control" not in model_spec(base).keys:
+        raise ValueError(f"model {base!r} has no control: its factory takes no 'control' key")
+    return register_preset(f"{base}{CONTROL_SUFFIX}", base, control=True)
+
+
 def list_models() -> list[str]:
     return sorted(_MODELS)
 
@@ -138,7 +154,8 @@ def create_model(name: str, spatial_dims: int, in_channels: int, out_channels: i
 
 # Each family's encoder, as parameter-name prefixes of the built model (what ``finetune.freeze_encoder_epochs``
 # keeps fixed): everything from the input down to the bottleneck, including the skip-path blocks that read the
-# encoder's features; the decoder, its upsampling and the output heads are the rest. Presets share their base's.
+# encoder's features; the decoder, its upsampling and the output heads are the rest. Presets share their base's,
+# controls included (a prefix of a replaced block, such as vilu_net's "vil", then simply matches nothing).
 ENCODER_PREFIXES: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "unet": ("net.input_block", "net.downsamples", "net.bottleneck"),  # MONAI DynUNet
     "resenc_unet": ("stem", "encoder"),

@@ -16,6 +16,13 @@ decoder's outputs at 1/2 and 1/4 resolution, captured with forward hooks on the 
 included) runs unchanged, and only the names of two decoder submodules are relied upon. The hooks are
 registered per training forward and removed after it, so the module holds no hook closures (deepcopy, pickling
 and eval are unaffected).
+
+Matched controls (``control=True``; models ``swin_unetr_control``, ``unetr_control``, ``unetr_small_control``):
+the same network with its transformer blocks replaced by identity, so that the blocks' own contribution can be
+measured at an otherwise equal architecture, optimiser and schedule. SwinUNETR keeps its patch embedding and
+patch mergings (each stage's hidden states keep their shapes) and loses each stage's Swin blocks; UNETR keeps
+the ViT's patch and position embedding and final norm, and its 12 blocks become nn.Identity (the skip paths
+read the embedded patches).
 """
 
 from __future__ import annotations
@@ -26,9 +33,10 @@ from typing import Literal, overload
 import torch
 import torch.nn as nn
 from monai.networks.nets import UNETR, SwinUNETR
+from monai.networks.nets.swin_unetr import BasicLayer
 
 from medseg.errors import ConfigError
-from medseg.models.registry import adapt_patch, model_spec, register_model, register_preset
+from medseg.models.registry import adapt_patch, model_spec, register_control, register_model, register_preset
 from medseg.planning.plan import ConfigurationPlan
 
 # every spatial size of the patch must be a multiple of this (SwinUNETR: 2**5; UNETR: its ViT patch, 16)
@@ -107,6 +115,28 @@ def _drop_unused_norm_weights(_net: nn.Module, state_dict: dict, prefix: str, *_
         del state_dict[key]
 
 
+class IdentityBlock(nn.Identity):
+    """A Swin block replaced by identity: returns its input, ignoring the attention mask the stage passes."""
+
+    def forward(self, input: torch.Tensor, *_) -> torch.Tensor:
+        return input
+
+
+def _without_swin_blocks(net: SwinUNETR) -> SwinUNETR:
+    """The control: every stage's Swin blocks become IdentityBlocks; patch embedding and merging stay."""
+    for stage in net.swinViT.modules():
+        if isinstance(stage, BasicLayer):
+            stage.blocks = nn.ModuleList(IdentityBlock() for _ in stage.blocks)
+    return net
+
+
+def _without_vit_blocks(net: UNETR) -> UNETR:
+    """The control: the ViT's blocks become nn.Identity, as many as before (UNETR reads blocks 3, 6 and 9's
+    outputs for its skip paths); the patch and position embedding and the final norm stay."""
+    net.vit.blocks = nn.ModuleList(nn.Identity() for _ in net.vit.blocks)
+    return net
+
+
 @overload
 def _patch_from(name: str, spatial_dims: int, plan: ConfigurationPlan | None, required: Literal[True]) -> list[int]: ...
 @overload
@@ -129,9 +159,10 @@ def _patch_from(name: str, spatial_dims: int, plan: ConfigurationPlan | None, re
 def build_swin_unetr(spatial_dims: int, in_channels: int, out_channels: int, plan: ConfigurationPlan | None = None,
                      deep_supervision: bool = True, feature_size: int = 48, depths: Sequence[int] = (2, 2, 2, 2),
                      num_heads: Sequence[int] = (3, 6, 12, 24), window_size: int = 7, use_v2: bool = False,
-                     dropout_path_rate: float = 0.0, use_checkpoint: bool = False) -> nn.Module:
+                     dropout_path_rate: float = 0.0, use_checkpoint: bool = False, control: bool = False) -> nn.Module:
     """MONAI's SwinUNETR (feature_size 48 by default, the paper's and MONAI's BTCV tutorial's; must be a multiple
-    of 12). Works at any input size divisible by 32; with a plan, its patch is checked for that."""
+    of 12). Works at any input size divisible by 32; with a plan, its patch is checked for that. control: the
+    Swin blocks are identity (the matched control, model swin_unetr_control)."""
     if spatial_dims not in (2, 3):
         raise ConfigError(f"model 'swin_unetr' is 2D or 3D, got spatial_dims={spatial_dims}")
     if feature_size % 12 != 0:
@@ -141,6 +172,8 @@ def build_swin_unetr(spatial_dims: int, in_channels: int, out_channels: int, pla
                     depths=tuple(depths), num_heads=tuple(num_heads), window_size=window_size,
                     norm_name="instance", dropout_path_rate=dropout_path_rate, use_checkpoint=use_checkpoint,
                     spatial_dims=spatial_dims, use_v2=use_v2)
+    if control:
+        net = _without_swin_blocks(net)
     return _DecoderTaps(net, spatial_dims, out_channels, _DS_TAPS["swin_unetr"], feature_size, deep_supervision)
 
 
@@ -148,9 +181,10 @@ def build_swin_unetr(spatial_dims: int, in_channels: int, out_channels: int, pla
                 default_scheduler="warmup_cosine")
 def build_unetr(spatial_dims: int, in_channels: int, out_channels: int, plan: ConfigurationPlan | None = None,
                 deep_supervision: bool = True, feature_size: int = 16, hidden_size: int = 768, mlp_dim: int = 3072,
-                num_heads: int = 12, dropout_rate: float = 0.0) -> nn.Module:
+                num_heads: int = 12, dropout_rate: float = 0.0, control: bool = False) -> nn.Module:
     """MONAI's UNETR (ViT-B: hidden 768, MLP 3072, 12 heads, 12 layers by default) with ``img_size`` = the plan's
-    patch, which must be divisible by 16; the model then accepts inputs of exactly that size."""
+    patch, which must be divisible by 16; the model then accepts inputs of exactly that size. control: the ViT's
+    blocks are identity (the matched control, models unetr_control and unetr_small_control)."""
     if spatial_dims not in (2, 3):
         raise ConfigError(f"model 'unetr' is 2D or 3D, got spatial_dims={spatial_dims}")
     if hidden_size % num_heads != 0:
@@ -159,8 +193,8 @@ def build_unetr(spatial_dims: int, in_channels: int, out_channels: int, plan: Co
     net = UNETR(in_channels=in_channels, out_channels=out_channels, img_size=patch, feature_size=feature_size,
                 hidden_size=hidden_size, mlp_dim=mlp_dim, num_heads=num_heads, proj_type="conv",
                 norm_name="instance", res_block=True, dropout_rate=dropout_rate, spatial_dims=spatial_dims)
-    return _DecoderTaps(_without_unused_norms(net), spatial_dims, out_channels, _DS_TAPS["unetr"], feature_size,
-                        deep_supervision)
+    net = _without_vit_blocks(net) if control else _without_unused_norms(net)
+    return _DecoderTaps(net, spatial_dims, out_channels, _DS_TAPS["unetr"], feature_size, deep_supervision)
 
 
 # UNETR with a ViT-Tiny-sized encoder (Touvron et al. 2021: width 192, 3 heads, MLP 768; 12 layers) and
@@ -168,3 +202,8 @@ def build_unetr(spatial_dims: int, in_channels: int, out_channels: int, plan: Co
 # values, which checkpoints record)
 UNETR_SMALL = {"feature_size": 8, "hidden_size": 192, "mlp_dim": 768, "num_heads": 3}
 register_preset("unetr_small", "unetr", **UNETR_SMALL)
+
+# the matched controls: models of their own name (run folders, checkpoints), the family's optimiser and schedule
+register_control("swin_unetr")
+register_control("unetr")
+register_control("unetr_small")

@@ -18,6 +18,10 @@ CUDA, or a kernel missing for this GPU) is not fatal: the import, or the first f
 why, and mambapy is used for the rest of the process. Both name their parameters identically (in_proj,
 conv1d, x_proj, dt_proj, A_log, D, out_proj), so one set of weights (owned by the mambapy block, hence one state
 dict) serves both backends.
+
+Each variant has a matched control, ``umamba_bot_control`` / ``umamba_enc_control`` (``control=True``): the same
+network with every Mamba layer replaced by ``nn.Identity``, i.e. the residual-encoder U-Net the layers were added
+to, trained with the family's own optimiser and schedule, so that the layers' own contribution can be measured.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import torch.nn as nn
 from mambapy.mamba import MambaBlock, MambaConfig
 
 from medseg.errors import ConfigError
-from medseg.models.registry import register_model
+from medseg.models.registry import register_control, register_model
 from medseg.models.resenc_unet import ResEncUNet, residual_blocks, sequence_stages
 from medseg.planning.plan import ConfigurationPlan
 
@@ -150,21 +154,22 @@ class UMamba(ResEncUNet):
 
     def __init__(self, dims: int, in_channels: int, out_channels: int, features: list[int], strides, kernels,
                  encoder_blocks: list[int], decoder_convs: list[int], mamba_stages: list[int],
-                 deep_supervision: bool = True):
+                 deep_supervision: bool = True, control: bool = False):
         super().__init__(dims, in_channels, out_channels, features, strides, kernels, encoder_blocks,
                          decoder_convs, deep_supervision)
         self.mamba_stages = sorted(mamba_stages)
         for i in self.mamba_stages:
             stage = self.encoder[i]
             assert isinstance(stage, nn.Sequential)  # ResEncUNet builds each encoder stage as one
-            stage.append(MambaLayer(features[i]))
+            # the control keeps the slot (same module indices) but the layer does nothing
+            stage.append(nn.Identity() if control else MambaLayer(features[i]))
 
     def mamba_layers(self) -> list[MambaLayer]:
         return [m for m in self.modules() if isinstance(m, MambaLayer)]
 
 
 def _build(variant: str, spatial_dims: int, in_channels: int, out_channels: int, plan: ConfigurationPlan | None,
-           deep_supervision: bool, mamba_max_tokens: int) -> UMamba:
+           deep_supervision: bool, mamba_max_tokens: int, control: bool) -> UMamba:
     if plan is None:
         raise ConfigError(f"model 'umamba_{variant}' is built from a plan's topology; pass plan=")
     if plan.spatial_dims != spatial_dims:
@@ -174,16 +179,25 @@ def _build(variant: str, spatial_dims: int, in_channels: int, out_channels: int,
     stages = [plan.num_stages - 1] if variant == "bot" else sequence_stages(plan.patch_size, plan.strides,
                                                                              mamba_max_tokens)
     return UMamba(spatial_dims, in_channels, out_channels, plan.features, plan.strides, plan.kernel_sizes,
-                  blocks, decoder, stages, deep_supervision)
+                  blocks, decoder, stages, deep_supervision, control)
 
 
 @register_model("umamba_bot", default_optimizer="adamw", default_scheduler="warmup_cosine")
 def build_umamba_bot(spatial_dims: int, in_channels: int, out_channels: int, plan: ConfigurationPlan | None = None,
-                     deep_supervision: bool = True) -> nn.Module:
-    return _build("bot", spatial_dims, in_channels, out_channels, plan, deep_supervision, 0)
+                     deep_supervision: bool = True, control: bool = False) -> nn.Module:
+    """control: every Mamba layer is nn.Identity (the matched control, model umamba_bot_control)."""
+    return _build("bot", spatial_dims, in_channels, out_channels, plan, deep_supervision, 0, control)
 
 
 @register_model("umamba_enc", default_optimizer="adamw", default_scheduler="warmup_cosine")
 def build_umamba_enc(spatial_dims: int, in_channels: int, out_channels: int, plan: ConfigurationPlan | None = None,
-                     deep_supervision: bool = True, mamba_max_tokens: int = DEFAULT_MAX_TOKENS) -> nn.Module:
-    return _build("enc", spatial_dims, in_channels, out_channels, plan, deep_supervision, mamba_max_tokens)
+                     deep_supervision: bool = True, mamba_max_tokens: int = DEFAULT_MAX_TOKENS,
+                     control: bool = False) -> nn.Module:
+    """control: every Mamba layer is nn.Identity (the matched control, model umamba_enc_control)."""
+    return _build("enc", spatial_dims, in_channels, out_channels, plan, deep_supervision, mamba_max_tokens,
+                  control)
+
+
+# the matched controls: models of their own name (run folders, checkpoints), the family's optimiser and schedule
+register_control("umamba_bot")
+register_control("umamba_enc")

@@ -12,6 +12,9 @@ Scan directions alternate forward / backward from one layer to the next across t
 alternates between blocks), so with the default depth 2 every stage has one pass each way and every token
 sees all others. The cell is :func:`medseg.models.mlstm.mlstm_chunkwise`: memory linear in the tokens, unlike
 a parallel S x S formulation (which needs > 24 GB at 24^3).
+
+The matched control, ``vilu_net_control`` (``control=True``), replaces each stage's mLSTM stack by
+``nn.Identity``: the residual-encoder U-Net itself, trained with ViLU-Net's optimiser and schedule.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch.nn as nn
 
 from medseg.errors import ConfigError
 from medseg.models.mlstm import mLSTMLayer, run_on_feature_map
-from medseg.models.registry import register_model
+from medseg.models.registry import register_control, register_model
 from medseg.models.resenc_unet import ResEncUNet, residual_blocks, sequence_stages
 from medseg.planning.plan import ConfigurationPlan
 
@@ -51,7 +54,8 @@ class ViLUNet(ResEncUNet):
 
     def __init__(self, dims: int, in_channels: int, out_channels: int, features: list[int], strides, kernels,
                  encoder_blocks: list[int], decoder_convs: list[int], vil_stages: list[int],
-                 deep_supervision: bool = True, vil_depth: int = 2, num_heads: int = 4, chunk_size: int = 64):
+                 deep_supervision: bool = True, vil_depth: int = 2, num_heads: int = 4, chunk_size: int = 64,
+                 control: bool = False):
         if vil_depth < 1:
             raise ConfigError(f"vil_depth must be >= 1, got {vil_depth}")
         super().__init__(dims, in_channels, out_channels, features, strides, kernels, encoder_blocks,
@@ -64,13 +68,14 @@ class ViLUNet(ResEncUNet):
         for i in range(len(features)):
             layers = []
             if i in self.vil_stages:
-                for _ in range(vil_depth):
+                for _ in range(0 if control else vil_depth):
                     layers.append(mLSTMLayer(features[i], num_heads=num_heads, chunk_size=chunk_size,
                                              reverse=layer_index % 2 == 1))
                     layer_index += 1
                 stage = self.encoder[i]
                 assert isinstance(stage, nn.Sequential)  # ResEncUNet builds each encoder stage as one
-                stage.append(FeatureMapMLSTM(layers))
+                # the control keeps the slot (same module indices) but it does nothing
+                stage.append(nn.Identity() if control else FeatureMapMLSTM(layers))
             self.vil.append(nn.Sequential(*layers))
 
     def mlstm_layers(self) -> list[mLSTMLayer]:
@@ -81,10 +86,15 @@ class ViLUNet(ResEncUNet):
 @register_model("vilu_net", default_optimizer="adamw", default_scheduler="warmup_cosine")
 def build_vilu_net(spatial_dims: int, in_channels: int, out_channels: int, plan: ConfigurationPlan | None = None,
                    deep_supervision: bool = True, chunk_size: int = 64, vil_max_tokens: int = 16384,
-                   vil_depth: int = 2, vil_heads: int = 4) -> nn.Module:
+                   vil_depth: int = 2, vil_heads: int = 4, control: bool = False) -> nn.Module:
+    """control: every stage's mLSTM stack is nn.Identity (the matched control, model vilu_net_control)."""
     if plan is None:
         raise ConfigError("model 'vilu_net' is built from a plan's topology; pass plan=")
     blocks, decoder = residual_blocks(plan)
     stages = vil_stages(plan.patch_size, plan.strides, vil_max_tokens)
     return ViLUNet(spatial_dims, in_channels, out_channels, plan.features, plan.strides, plan.kernel_sizes,
-                   blocks, decoder, stages, deep_supervision, vil_depth, vil_heads, chunk_size)
+                   blocks, decoder, stages, deep_supervision, vil_depth, vil_heads, chunk_size, control)
+
+
+# the matched control: a model of its own name (run folder, checkpoint), ViLU-Net's optimiser and schedule
+register_control("vilu_net")

@@ -15,13 +15,14 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn as nn
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from medseg import layout
-from medseg.atomic import write_json
+from medseg.atomic import write_json, write_text
 from medseg.checkpoint import load_weights_only
 from medseg.errors import CheckpointError, ConfigError, TrainingInterrupted
 from medseg.inference.predictor import Predictor, load_checkpoint
@@ -50,7 +51,7 @@ from medseg.training.module import SegmentationModule, channels_last_format
 from medseg.training.settings import (augmentation_settings, check_config, config_dict, on_gpu, parse_fold,
                                      resolve_run, trainer_kwargs)
 from medseg.training.timing import fit_timing, reset_peak_memory
-from medseg.training.validation import validate_fold
+from medseg.training.validation import missing_probability_cases, validate_fold, write_missing_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -306,6 +307,8 @@ def _write_run_files(cfg: DictConfig, setup: RunSetup, fold_dir: Path) -> None:
     OmegaConf.save(cfg, fold_dir / layout.CONFIG, resolve=True)
     setup.plan.save(fold_dir / layout.PLAN)
     setup.record.save(fold_dir / layout.RUN_RECORD)
+    if HydraConfig.initialized():  # launched from the command line (a sweep's job: its own values)
+        write_text(fold_dir / layout.OVERRIDES, OmegaConf.to_yaml(list(HydraConfig.get().overrides.task)))
     if setup.init_from is not None:
         write_json(fold_dir / INIT_FROM_FILE, setup.init_from.to_dict())
 
@@ -323,6 +326,7 @@ def _train_fold(cfg: DictConfig, setup: RunSetup, fold_dir: Path) -> dict:
     finished = fold_state(cfg, fold_dir, setup.record)
     if finished is not None:
         _complete_next_stage(cfg, setup, fold_dir)
+        _complete_probabilities(cfg, setup, fold_dir)
         return finished
     cache = preprocess(setup.prepared, setup.config.name, int(cfg.get("num_processes", 2)))
     if setup.previous is not None:
@@ -389,7 +393,8 @@ def final_validation(setup: RunSetup, fold_dir: Path, trainer: L.Trainer, timing
     metrics = validate_fold(predictor, setup.prepared.manifest, setup.val_ids, fold_dir, record.fold,
                             extra={"epochs": trainer.current_epoch, "checkpoint": trained.source, "timing": timing,
                                    "precision": {"training": record.precision, "validation": predictor.precision}},
-                            next_stage=next_stage_export(setup.plan, setup.config, fold_dir))
+                            next_stage=next_stage_export(setup.plan, setup.config, fold_dir),
+                            save_probabilities=bool(record.validation.get("save_probabilities", False)))
     log.info("fold %s validation: mean Dice %.4f %s", record.fold, metrics["dice_mean"], metrics["dice"])
     return metrics
 
@@ -411,3 +416,24 @@ def _complete_next_stage(cfg: DictConfig, setup: RunSetup, fold_dir: Path) -> No
     written = write_missing_next_stage(export, predictor, setup.prepared.manifest, setup.val_ids)
     log.info("%s: wrote the %s predictions of %d held-out case(s) to %s", fold_dir, export.config.name, written,
              export.folder)
+
+
+def _complete_probabilities(cfg: DictConfig, setup: RunSetup, fold_dir: Path) -> None:
+    """A finished fold asked for validation.save_probabilities=true that was validated without them writes the
+    missing ones from the weights its validation used (the label maps and scores stay as they are)."""
+    record = setup.record
+    if not record.validation.get("save_probabilities") or not setup.val_ids or not _is_first_process():
+        return
+    missing = missing_probability_cases(fold_dir, setup.val_ids)
+    if not missing:
+        return
+    device = torch.device("cuda" if on_gpu(cfg) else "cpu")
+    chosen = layout.checkpoint(fold_dir, str(record.validation["checkpoint"]))
+    axes = record.validation.get("mirror_axes")
+    previous = (validation_previous_stage(setup.previous.run, int(record.fold), device)
+                if setup.previous is not None else None)
+    predictor = Predictor([load_checkpoint(chosen if chosen.is_file() else layout.checkpoint(fold_dir), device)],
+                          overlap=float(record.validation["overlap"]), mirror_axes=tuple(axes) if axes else None,
+                          device=device, previous_stage=previous)
+    write_missing_probabilities(predictor, setup.prepared.manifest, missing, fold_dir)
+    log.info("%s: wrote the class probabilities of %d held-out case(s)", fold_dir, len(missing))

@@ -18,6 +18,7 @@ from medseg.evaluation.metrics import (DEFAULT_TOLERANCE_MM, case_metrics, schem
                                       write_case_csv)
 from medseg.evaluation.postprocessing import CANDIDATES_FILE, candidate_rows
 from medseg.inference.predictor import Predictor
+from medseg.inference.probability_files import probability_file, write_compact_probabilities
 from medseg.layout import METRICS, PER_CASE, VALIDATION
 from medseg.training.cascade import NextStageExport
 
@@ -60,9 +61,11 @@ def _read_journal(path: Path, identity: str, out_dir: Path) -> dict[str, dict]:
 
 def validate_fold(predictor: Predictor, manifest: Manifest, case_ids: list[str], fold_dir: Path,
                   fold: int | str, progress: bool = True, extra: dict | None = None,
-                  next_stage: NextStageExport | None = None) -> dict:
+                  next_stage: NextStageExport | None = None, save_probabilities: bool = False) -> dict:
     """Writes fold_dir/validation/<case><the label file's suffix>, validation/per_case.csv and metrics.json;
     returns metrics. ``next_stage`` (a 3d_lowres fold in a cascade): each prediction also on the next stage's grid.
+    ``save_probabilities``: each case's class probabilities too (validation/<case>_probabilities.npz, compact:
+    medseg.inference.probability_files), which configuration selection ensembles from.
     Each scored case is journaled, so an interrupted validation continues where it stopped."""
     scheme = manifest.label_scheme
     names, members = scheme_targets(scheme)
@@ -73,6 +76,8 @@ def validate_fold(predictor: Predictor, manifest: Manifest, case_ids: list[str],
     done = _read_journal(journal, identity, out_dir)
     if next_stage is not None:  # a case counts as done once its next-stage file is written too
         done = {k: v for k, v in done.items() if next_stage.done(k)}
+    if save_probabilities:  # ... and once its probabilities are
+        done = {k: v for k, v in done.items() if probability_file(out_dir, k).is_file()}
     if done:
         log.info("validation of fold %s continues: %d of %d cases were scored before", fold, len(done), len(case_ids))
     with open(journal, "w") as f:  # rewritten: only the entries still valid, then the new ones
@@ -93,8 +98,12 @@ def validate_fold(predictor: Predictor, manifest: Manifest, case_ids: list[str],
         assert case.label is not None  # validation cases are training cases, which have labels
         reference, _ = read_label(case.label)
         start = time.perf_counter()
-        pred = predictor.predict_label(image, geometry.spacing)
+        prediction = predictor.predict(image, geometry.spacing, probabilities=True) if save_probabilities else None
+        pred = prediction.label if prediction is not None else predictor.predict_label(image, geometry.spacing)
         predict_s.append(time.perf_counter() - start)
+        if prediction is not None and prediction.probabilities is not None:  # before the label map, which marks
+            write_compact_probabilities(probability_file(out_dir, case_id), prediction.probabilities,  # the case done
+                                        prediction.labels, scheme.has_regions)
         # the dataset's own format (a PNG dataset validates to PNG files), NIfTI where the label's is not writable
         output = out_dir / f"{case_id}{image_suffix(case.label) or '.nii.gz'}"
         write_label(pred, geometry, output)
@@ -118,3 +127,18 @@ def validate_fold(predictor: Predictor, manifest: Manifest, case_ids: list[str],
     write_json(fold_dir / METRICS, metrics)
     journal.unlink(missing_ok=True)
     return metrics
+
+
+def missing_probability_cases(fold_dir: Path, case_ids: list[str]) -> list[str]:
+    return [c for c in case_ids if not probability_file(fold_dir / VALIDATION, c).is_file()]
+
+
+def write_missing_probabilities(predictor: Predictor, manifest: Manifest, case_ids: list[str], fold_dir: Path) -> None:
+    """The class probabilities of held-out cases validated without them, predicted as the validation did."""
+    scheme = manifest.label_scheme
+    for case_id in case_ids:
+        image, geometry = read_image(manifest.case(case_id).images)
+        prediction = predictor.predict(image, geometry.spacing, probabilities=True)
+        assert prediction.probabilities is not None  # asked for
+        write_compact_probabilities(probability_file(fold_dir / VALIDATION, case_id), prediction.probabilities,
+                                    prediction.labels, scheme.has_regions)
