@@ -152,9 +152,8 @@ def test_the_ensemble_is_chosen_when_it_beats_the_best_run_and_scored_from_the_s
     markdown = write_selection(selection)
     recipe = selection.recipe["predict"]
     assert "ckpt_dir=[" in recipe and all(str((experiment / r).resolve()) in recipe for r in winner["runs"])
-    pp_enabled = selection.postprocessing["all_foreground"] or bool(selection.postprocessing["classes"])
-    assert (f"postprocessing={(experiment / POSTPROCESSING_FILE).resolve()}" in recipe) == pp_enabled
-    assert (experiment / POSTPROCESSING_FILE).is_file() == pp_enabled
+    assert f"postprocessing={(experiment / POSTPROCESSING_FILE).resolve()}" in recipe
+    assert json.loads((experiment / POSTPROCESSING_FILE).read_text()) == selection.postprocessing
     assert selection.recipe["recommendation"] == "fold_ensemble"
     assert "unet__dice_ce + unet__dice_ce__2d" in markdown and recipe in markdown
     saved = json.loads((experiment / SELECTION_JSON).read_text())
@@ -213,6 +212,7 @@ def test_the_command_gives_the_same_selection_for_the_same_seed(datasets, tmp_pa
     assert result.returncode == 0, result.stderr[-3000:]
     first = (experiment / SELECTION_JSON).read_bytes()
     assert "Inference recipe" in (experiment / SELECTION_MD).read_text() and "Inference recipe" in result.stdout
+    assert f"wrote {SELECTION_MD}, {SELECTION_JSON}" in result.stdout and str(experiment.absolute()) in result.stdout
     write_selection(select(experiment, n_resamples=1000, seed=3))
     assert (experiment / SELECTION_JSON).read_bytes() == first
     assert json.loads(first)["settings"]["seed"] == 3

@@ -281,13 +281,13 @@ def _train_overrides(run: Run) -> list[str] | None:
     return [o for o in overrides if not str(o).startswith(("fold=", "hydra.", "overwrite="))]
 
 
-def _recipe(runs: list[Run], experiment: Path, postprocessing_file: Path | None) -> dict:
+def _recipe(runs: list[Run], experiment: Path, postprocessing_file: Path) -> dict:
     paths = [str(r.path.resolve()) for r in runs]
     mirror, mirror_note = _mirror_setting(runs)
     ckpt = paths[0] if len(paths) == 1 else "[" + ",".join(paths) + "]"
     args = [f"ckpt_dir={ckpt}", "input=<images>", "output=<predictions>", f"overlap={_overlap(runs)}",
             f"mirror_axes={mirror}",
-            f"postprocessing={postprocessing_file}" if postprocessing_file is not None else "postprocessing=false"]
+            f"postprocessing={postprocessing_file}"]
     predict = "medseg-predict " + " ".join(shlex.quote(a) if "[" in a else a for a in args)
     all_data = [layout.fold_dir(r.path, layout.ALL_FOLD) for r in runs]
     trained_all = [d for d in all_data if layout.checkpoint(d).is_file()]
@@ -369,19 +369,18 @@ def select(experiment_dir: str | Path, n_resamples: int = 10000, confidence: flo
         spec_dict, evidence = _ensemble_postprocessing(winner_runs, manifest)
         decision = {**spec_dict, "evidence": evidence}
     notes += training_notes([r.results for r in runs])
-    enabled = decision["all_foreground"] or bool(decision["classes"])
-    recipe = _recipe(winner_runs, experiment, experiment.resolve() / POSTPROCESSING_FILE if enabled else None)
+    recipe = _recipe(winner_runs, experiment, experiment.resolve() / POSTPROCESSING_FILE)
     return Selection(experiment, list(names.values()), rows, rows[0], decision, recipe, notes,
                      {"n_resamples": n_resamples, "confidence": confidence, "alpha": alpha, "seed": seed,
                       "best_single": best_single.name})
 
 
 def write_selection(selection: Selection) -> str:
-    """selection.json, selection.md and (where it enables anything) selection_postprocessing.json in the
+    """selection.json, selection.md and selection_postprocessing.json (the winner's decision) in the
     experiment folder, each written atomically; returns the markdown."""
     experiment = selection.experiment
-    if selection.postprocessing["all_foreground"] or selection.postprocessing["classes"]:
-        write_json(experiment / POSTPROCESSING_FILE, selection.postprocessing)
+    # always written (a decision that enables nothing included), so the recipe's file is this selection's
+    write_json(experiment / POSTPROCESSING_FILE, selection.postprocessing)
     write_json(experiment / SELECTION_JSON, {
         "experiment": str(experiment), "classes": selection.classes, "settings": selection.settings,
         "winner": selection.winner["candidate"], "ranking": selection.candidates,
