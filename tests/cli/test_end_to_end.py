@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from medseg.inference.predictor import find_checkpoints
@@ -66,6 +67,8 @@ def test_training_writes_metrics_checkpoints_and_logs_and_loss_falls(trained_run
     assert (fold / "checkpoints" / "last.ckpt").is_file() and (fold / "checkpoints" / "best.ckpt").is_file()
     assert len(list((fold / "validation").glob("*.nii.gz"))) == SUBSET // 5
     assert (fold / "plan.json").is_file() and (fold / "config.yaml").is_file()
+    # the command line's overrides, from which medseg-select writes the fold=all command
+    assert yaml.safe_load((fold / "overrides.yaml").read_text()) == trained_run[2]
     events = EventAccumulator(str(fold / "tensorboard"))
     events.Reload()
     losses = [e.value for e in events.Scalars("train/loss_epoch")]

@@ -102,6 +102,7 @@ def make_run(experiment: Path, name: str, dataset, sigma: float, seed: int, fold
         fold_dir.mkdir(parents=True)
         OmegaConf.save(cfg, fold_dir / "config.yaml")
         plan.save(fold_dir / "plan.json")
+        (fold_dir / "overrides.yaml").write_text(f"- data=nnunet_raw\n- data.root={root}\n- fold={k}\n")
         held_out = [c.case_id for c in manifest.cases if c.fold == k]
         validate_fold(NoisyPredictor(plan, sigma, seed), manifest, held_out, fold_dir, k, progress=False,
                       save_probabilities=probabilities)
@@ -173,6 +174,10 @@ def test_a_single_run_is_chosen_when_the_ensemble_is_worse(datasets, tmp_path):
     write_selection(selection)
     recipe = selection.recipe["predict"]
     assert f"ckpt_dir={(experiment / 'unet__dice_ce').resolve()} " in recipe and "[" not in recipe
+    # the all-data alternative: the run's own command line with fold=all
+    assert selection.recipe["all_data_train"] == [f"medseg-train data=nnunet_raw data.root={datasets['labels'][0]} "
+                                                   "fold=all"]
+    assert selection.recipe["all_data_predict"] is None and "no all-data model" in selection.recipe["notes"][0]
 
 
 def test_missing_folds_and_probability_files_are_listed_not_fatal(datasets, tmp_path):
