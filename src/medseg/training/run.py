@@ -399,6 +399,20 @@ def final_validation(setup: RunSetup, fold_dir: Path, trainer: L.Trainer, timing
     return metrics
 
 
+def _finished_fold_predictor(cfg: DictConfig, setup: RunSetup, fold_dir: Path, with_previous_stage: bool) -> Predictor:
+    """The predictor a finished fold's validation used: its chosen weights, overlap and mirroring (and, for a cascade
+    stage, its held-out cases' previous stage)."""
+    record = setup.record
+    device = torch.device("cuda" if on_gpu(cfg) else "cpu")
+    chosen = layout.checkpoint(fold_dir, str(record.validation["checkpoint"]))
+    axes = record.validation.get("mirror_axes")
+    previous = (validation_previous_stage(setup.previous.run, int(record.fold), device)
+                if with_previous_stage and setup.previous is not None else None)
+    return Predictor([load_checkpoint(chosen if chosen.is_file() else layout.checkpoint(fold_dir), device)],
+                     overlap=float(record.validation["overlap"]), mirror_axes=tuple(axes) if axes else None,
+                     device=device, previous_stage=previous)
+
+
 def _complete_next_stage(cfg: DictConfig, setup: RunSetup, fold_dir: Path) -> None:
     """A finished 3d_lowres fold whose held-out predictions for the cascade are missing (validated before they were
     written) writes them, from the weights its validation used."""
@@ -406,13 +420,7 @@ def _complete_next_stage(cfg: DictConfig, setup: RunSetup, fold_dir: Path) -> No
     if export is None or not setup.val_ids or all(export.done(c) for c in setup.val_ids) \
             or not _is_first_process():
         return
-    record = setup.record
-    device = torch.device("cuda" if on_gpu(cfg) else "cpu")
-    chosen = layout.checkpoint(fold_dir, str(record.validation["checkpoint"]))
-    axes = record.validation.get("mirror_axes")
-    predictor = Predictor([load_checkpoint(chosen if chosen.is_file() else layout.checkpoint(fold_dir), device)],
-                          overlap=float(record.validation["overlap"]), mirror_axes=tuple(axes) if axes else None,
-                          device=device)
+    predictor = _finished_fold_predictor(cfg, setup, fold_dir, with_previous_stage=False)
     written = write_missing_next_stage(export, predictor, setup.prepared.manifest, setup.val_ids)
     log.info("%s: wrote the %s predictions of %d held-out case(s) to %s", fold_dir, export.config.name, written,
              export.folder)
@@ -427,13 +435,6 @@ def _complete_probabilities(cfg: DictConfig, setup: RunSetup, fold_dir: Path) ->
     missing = missing_probability_cases(fold_dir, setup.val_ids)
     if not missing:
         return
-    device = torch.device("cuda" if on_gpu(cfg) else "cpu")
-    chosen = layout.checkpoint(fold_dir, str(record.validation["checkpoint"]))
-    axes = record.validation.get("mirror_axes")
-    previous = (validation_previous_stage(setup.previous.run, int(record.fold), device)
-                if setup.previous is not None else None)
-    predictor = Predictor([load_checkpoint(chosen if chosen.is_file() else layout.checkpoint(fold_dir), device)],
-                          overlap=float(record.validation["overlap"]), mirror_axes=tuple(axes) if axes else None,
-                          device=device, previous_stage=previous)
+    predictor = _finished_fold_predictor(cfg, setup, fold_dir, with_previous_stage=True)
     write_missing_probabilities(predictor, setup.prepared.manifest, missing, fold_dir)
     log.info("%s: wrote the class probabilities of %d held-out case(s)", fold_dir, len(missing))
