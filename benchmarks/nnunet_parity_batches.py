@@ -40,13 +40,12 @@ def main() -> None:
 
     import numpy as np
     import torch
-    import torch.nn.functional as F
     from scipy import stats
 
-    from medseg.loading.augmentation import nnunet_settings
-    from medseg.loading.datamodule import PatchBatches
-    from medseg.planning.plan import Plan
-    from medseg.preprocessing.cache import PreprocessedCache
+    # imports medseg before nnU-Net's venv joins the path (see there)
+    from nnunet_trainer_swap import MedsegBatches, medseg_configuration
+
+    _, config = medseg_configuration(work)  # refuses a work folder without a medseg run before any compute
 
     sys.path.append(str(next(Path(args.nnunet_venv).glob("lib/python3*/site-packages"))))
     from nnunetv2.run.run_training import get_trainer_from_args
@@ -59,18 +58,14 @@ def main() -> None:
     )
     trainer.initialize()
     checkpoint = Path(trainer.output_folder) / "checkpoint_final.pth"
+    if not checkpoint.is_file():
+        sys.exit(f"{checkpoint}: missing; --run names a finished nnU-Net run of nnunet_parity_cpu.sh in {work}")
     trainer.load_checkpoint(str(checkpoint))
     network = trainer.network.train()  # instance norm only: train and eval differ in the deep-supervision outputs
     nnunet_batches, _ = trainer.get_dataloaders()
 
-    plan = Plan.load(next((work / "medseg_out").glob("*/unet__dice_ce/fold_0/plan.json")))
-    config = plan.configuration("3d_fullres")
-    patch = list(config.patch_size)
     train_cases, _ = trainer.do_split()
-    cache = PreprocessedCache(work / "medseg_pre" / plan.dataset / config.data_identifier)
-    medseg_batches = PatchBatches(
-        cache, sorted(train_cases), patch, config.batch_size, 10**9, 0.33, nnunet_settings(patch)
-    )
+    medseg_batches = MedsegBatches(work, train_cases)
 
     def measure(x: torch.Tensor, targets: list[torch.Tensor]) -> list[float]:
         with torch.no_grad():
@@ -89,13 +84,11 @@ def main() -> None:
         return row + [x.mean().item(), x.std().item()]
 
     rows: dict[str, list] = {"nnunet": [], "medseg": []}
-    for i in range(args.batches):
+    for _ in range(args.batches):
         batch = next(nnunet_batches)
         rows["nnunet"].append(measure(batch["data"], batch["target"]))
-        x, y = medseg_batches[i]
-        # deep-supervision targets as nnU-Net's DownsampleSegForDSTransform makes them
-        targets = [y] + [F.interpolate(y.float(), scale_factor=s, mode="nearest-exact").long() for s in (0.5, 0.25)]
-        rows["medseg"].append(measure(x, targets))
+        batch = next(medseg_batches)
+        rows["medseg"].append(measure(batch["data"], batch["target"]))
     n, m = np.array(rows["nnunet"]), np.array(rows["medseg"])
     print(f"\nnnU-Net's weights {checkpoint}; {args.batches} batches of {config.batch_size} per loader")
     print("| measure | nnU-Net's loader | medseg's loader | medseg - nnU-Net | Welch p |")

@@ -25,6 +25,47 @@ import random
 import sys
 from pathlib import Path
 
+# medseg (and through it torchmetrics) is imported before nnU-Net's venv joins the path, so that torchmetrics does
+# not pick up that venv's torchvision
+import torch.nn.functional as F
+
+from medseg.loading.augmentation import nnunet_settings
+from medseg.loading.datamodule import PatchBatches
+from medseg.planning.plan import Plan
+from medseg.preprocessing.cache import PreprocessedCache
+
+
+def medseg_configuration(work: Path):
+    """The 3d_fullres configuration of the plan medseg-train saved for a parity run in ``work``."""
+    plans = sorted((work / "medseg_out").glob("*/unet__dice_ce/fold_0/plan.json"))
+    if not plans:
+        sys.exit(f"{work}: no medseg run of nnunet_parity_cpu.sh here (no medseg_out/*/unet__dice_ce/fold_0/plan.json)")
+    plan = Plan.load(plans[0])
+    return plan, plan.configuration("3d_fullres")
+
+
+class MedsegBatches:
+    """nnU-Net's batch dict ({"data", "target"} with deep-supervision targets) from medseg's training loader: its
+    sampling and augmentation over medseg's cache of a parity run. Targets are downsampled by nearest-exact, as
+    nnU-Net's DownsampleSegForDSTransform does."""
+
+    def __init__(self, work: Path, case_ids):
+        plan, config = medseg_configuration(work)
+        patch = list(config.patch_size)
+        cache = PreprocessedCache(work / "medseg_pre" / plan.dataset / config.data_identifier)
+        self.batches = PatchBatches(cache, sorted(case_ids), patch, config.batch_size, 10**9, 0.33,
+                                    nnunet_settings(patch))
+        self.i = 0
+
+    def __next__(self):
+        x, y = self.batches[self.i]
+        self.i += 1
+        targets = [y] + [F.interpolate(y.float(), scale_factor=s, mode="nearest-exact").long() for s in (0.5, 0.25)]
+        return {"data": x, "target": targets}
+
+    def _finish(self):
+        pass
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -40,16 +81,12 @@ def main() -> None:
 
     import numpy as np
     import torch
-    import torch.nn.functional as F
 
-    from medseg.loading.augmentation import nnunet_settings
-    from medseg.loading.datamodule import PatchBatches
     from medseg.losses import create_loss
     from medseg.losses.registry import with_deep_supervision
     from medseg.models import create_model
-    from medseg.planning.plan import Plan
-    from medseg.preprocessing.cache import PreprocessedCache
 
+    _, config = medseg_configuration(work)
     sys.path.append(str(next(Path(args.nnunet_venv).glob("lib/python3*/site-packages"))))
     from nnunetv2.run.run_training import get_trainer_from_args
 
@@ -60,27 +97,6 @@ def main() -> None:
     trainer = get_trainer_from_args("4", "3d_fullres", 0, "nnUNetTrainer", "nnUNetPlans_cpu8",
                                     device=torch.device("cpu"))
     trainer.num_epochs, trainer.num_iterations_per_epoch = args.epochs, args.iterations
-    plan = Plan.load(next((work / "medseg_out").glob("*/unet__dice_ce/fold_0/plan.json")))
-    config = plan.configuration("3d_fullres")
-    patch = list(config.patch_size)
-
-    class MedsegBatches:
-        """nnU-Net's batch dict from medseg's loader."""
-
-        def __init__(self, case_ids):
-            cache = PreprocessedCache(work / "medseg_pre" / plan.dataset / config.data_identifier)
-            self.batches = PatchBatches(cache, sorted(case_ids), patch, config.batch_size, 10**9, 0.33,
-                                        nnunet_settings(patch))
-            self.i = 0
-
-        def __next__(self):
-            x, y = self.batches[self.i]
-            self.i += 1
-            targets = [y] + [F.interpolate(y.float(), scale_factor=s, mode="nearest-exact").long() for s in (0.5, 0.25)]
-            return {"data": x, "target": targets}
-
-        def _finish(self):
-            pass
 
     original = trainer.get_dataloaders
 
@@ -88,7 +104,7 @@ def main() -> None:
         train, val = original()
         if "data" in swaps:
             train_keys, _ = trainer.do_split()
-            train = MedsegBatches(train_keys)
+            train = MedsegBatches(work, train_keys)
         return train, val
 
     trainer.get_dataloaders = get_dataloaders
